@@ -1,0 +1,20 @@
+"""surgeon: convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
+
+from surgeon.api import convert, output_difference, plan, trainable_parameters
+from surgeon.errors import CheckpointError, RecipeError, SurgeonError
+from surgeon.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Recipe",
+    "RecipeError",
+    "SurgeonError",
+    "__version__",
+    "convert",
+    "load_recipe",
+    "output_difference",
+    "plan",
+    "trainable_parameters",
+]

@@ -1,0 +1,104 @@
+"""Python API: plan and convert any ``nn.Module`` with a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.census import take_census
+from surgeon.errors import SurgeonError
+from surgeon.plan import Plan
+from surgeon.recipe import Recipe, load_recipe
+from surgeon.rewrite import ConversionInfo, apply_decisions, deep_copy, set_trainable
+from surgeon.sites import Analysis, decide, discover
+
+RecipeLike = str | Path | Recipe | dict[str, Any]
+DEFAULT_RECIPE = "quadranet-v2-s2a"
+
+
+def default_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """An input of the model's pretrained resolution (timm's ``pretrained_cfg``), else 3×224×224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *size, generator=generator, dtype=dtype).to(device)
+
+
+def _analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | None) -> Analysis:
+    was_training = model.training
+    model.eval()  # the census must not update BatchNorm statistics
+    try:
+        analysis = discover(model, example_input)
+    finally:
+        model.train(was_training)
+    decide(analysis, model, recipe)
+    return analysis
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def plan(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input: torch.Tensor | None = None) -> Plan:
+    """What ``convert`` would do, site by site, without changing the model."""
+    resolved = load_recipe(recipe)
+    example = example_input if example_input is not None else default_input(model)
+    analysis = _analyse(model, resolved, example)
+    return Plan(model=model_name(model), recipe=resolved, sites=analysis.sites, input_shape=tuple(example.shape),
+                warnings=analysis.warnings)
+
+
+def convert(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input: torch.Tensor | None = None,
+            inplace: bool = False, base: dict[str, Any] | None = None) -> nn.Module:
+    """Apply a recipe. Returns the converted model (the same object when ``inplace``, unless its root forward
+    had to be rewritten); only adapter parameters (and the recipe's ``trainable`` globs) require grad."""
+    resolved = load_recipe(recipe)
+    work = model if inplace else deep_copy(model)
+    example = example_input if example_input is not None else default_input(work)
+    analysis = _analyse(work, resolved, example)
+    census = take_census(work.eval(), example) if any(s.owner is not None for s in analysis.sites) else None
+    work.train(model.training)
+    observed = {key: record.arguments for key, record in census.modules.items()} if census else None
+    converted = apply_decisions(work, analysis, resolved, observed)
+    set_trainable(converted, resolved)
+    _check_complete(converted, resolved, example)
+    converted.surgeon_info = ConversionInfo(recipe=resolved, sites=analysis.sites, base=base or {
+        "architecture": model_name(model), "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+    return converted
+
+
+def _check_complete(converted: nn.Module, recipe: Recipe, example: torch.Tensor) -> None:
+    """Re-planning a converted model must find nothing left to swap; otherwise a site was missed."""
+    analysis = _analyse(converted, recipe, example)
+    left = [s.path for s in analysis.sites if s.action == "swap"]
+    if left:
+        raise SurgeonError(f"conversion left {len(left)} site(s) unconverted: {', '.join(left[:5])}")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name → parameter for everything that requires grad (what an optimizer should get)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def output_difference(original: nn.Module, converted: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
+    """Max |Δ| between two models' eval outputs, absolute and relative to the original's max |output|."""
+    modes = original.training, converted.training
+    original.eval()
+    converted.eval()
+    try:
+        with torch.no_grad():
+            reference = original(example_input)
+            result = converted(example_input)
+    finally:
+        original.train(modes[0])
+        converted.train(modes[1])
+    diff = (reference.float() - result.float()).abs().max().item()
+    scale = reference.float().abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / scale if scale else diff}

@@ -1,0 +1,21 @@
+"""User-facing errors.
+
+Everything the user can get wrong (a bad recipe, a missing file, a checkpoint that does not fit) raises
+:class:`SurgeonError` with a one-line message; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class SurgeonError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+    exit_code = 2
+
+
+class RecipeError(SurgeonError):
+    """A recipe field is unknown or has a bad value; the message names the field."""
+
+
+class CheckpointError(SurgeonError):
+    """A checkpoint could not be read or does not fit the architecture; the message names the file."""

@@ -1,0 +1,267 @@
+"""QuadraNet V2 quadratic depthwise convolution, built around a frozen pretrained depthwise conv.
+
+``y = conv(x, W_c) + b + sum_r conv_a_r(x) * conv_b_r(x)``
+
+``W_c``/``b`` are the pretrained weights, computed with exactly the original call (plain, string or timm's
+dynamic "same" padding), so with ``W_a = 0`` the output is bit-identical to the original layer. ``conv_a``
+and ``conv_b`` are depthwise *atrous* convs: few taps, dilated so that their span fits inside the original
+receptive field, centred on it, with the original stride, so every branch lands on the same output grid.
+Rank ``r`` is stored as ``C * r`` output channels with ``groups = C`` (channel ``c`` owns ``c*r .. c*r+r-1``).
+
+The autograd function keeps only ``x`` (and, if asked, the branch outputs) for backward - never the product.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pair = tuple[int, int]
+Pads = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+
+
+@dataclass(frozen=True)
+class AtrousKernel:
+    """A dilated kernel: taps per dim and dilation per dim."""
+
+    kernel: Pair
+    dilation: Pair
+
+    def span(self) -> Pair:
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))  # type: ignore[return-value]
+
+
+def conv_span(kernel: Pair, dilation: Pair) -> Pair:
+    return AtrousKernel(kernel, dilation).span()
+
+
+def default_branches(kernel: Pair, dilation: Pair) -> tuple[AtrousKernel, AtrousKernel]:
+    """QuadraNet V2's pattern per dim of size K: ``a`` = ceil(K/2) taps at dilation 2, ``b`` = 2 taps at dilation
+    K-1 (scaled by the original dilation); a dim of size 1 stays 1."""
+    a_kernel, a_dil, b_kernel, b_dil = [], [], [], []
+    for k, d in zip(kernel, dilation):
+        ka = math.ceil(k / 2)
+        a_kernel.append(ka)
+        a_dil.append(2 * d if ka > 1 else 1)
+        kb = min(2, k)
+        b_kernel.append(kb)
+        b_dil.append((k - 1) * d if kb > 1 else 1)
+    return AtrousKernel(tuple(a_kernel), tuple(a_dil)), AtrousKernel(tuple(b_kernel), tuple(b_dil))
+
+
+def same_pads(size: Pair, kernel: Pair, stride: Pair, dilation: Pair) -> Pads:
+    """timm's dynamic TF-"same" padding for an input of ``size``."""
+    pads = []
+    for length, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((math.ceil(length / s) - 1) * s + (k - 1) * d + 1 - length, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+def static_pads(padding: Any, kernel: Pair, dilation: Pair) -> Pads:
+    """Explicit pads of a conv's ``padding`` argument (ints, pairs, ``'same'`` or ``'valid'``)."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        (top, bottom), (left, right) = [(t // 2, t - t // 2) for t in totals]
+        return left, right, top, bottom
+    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    return pw, pw, ph, ph
+
+
+def branch_pads(primary: Pads, primary_span: Pair, branch_span: Pair) -> Pads:
+    """Pads that put a smaller-span branch's window at the centre of the primary window."""
+    left, right, top, bottom = primary
+    (sh, sw), (bh, bw) = primary_span, branch_span
+    off_h, off_w = (sh - bh) // 2, (sw - bw) // 2
+    return left - off_w, right - (sw - bw - off_w), top - off_h, bottom - (sh - bh - off_h)
+
+
+def _split_pads(pads: Pads) -> tuple[Pads | None, Pair]:
+    """Symmetric non-negative pads go into the conv call; anything else is applied (or cropped) by F.pad."""
+    left, right, top, bottom = pads
+    if left == right and top == bottom and left >= 0 and top >= 0:
+        return None, (top, left)
+    return pads, (0, 0)
+
+
+@dataclass(frozen=True)
+class _BranchCall:
+    pre_pads: Pads | None
+    padding: Pair
+    dilation: Pair
+
+
+def _branch_forward(x: torch.Tensor, weight: torch.Tensor, call: _BranchCall, stride: Pair, groups: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    xp = F.pad(x, call.pre_pads) if call.pre_pads is not None else x
+    return F.conv2d(xp, weight, None, stride, call.padding, call.dilation, groups), xp
+
+
+def _unpad(grad: torch.Tensor, pre_pads: Pads | None) -> torch.Tensor:
+    if pre_pads is None:
+        return grad
+    return F.pad(grad, tuple(-p for p in pre_pads))
+
+
+def _conv_backward(grad: torch.Tensor, xp: torch.Tensor, weight: torch.Tensor, call: _BranchCall, stride: Pair,
+                   groups: int, need_input: bool, need_weight: bool, bias_size: list[int] | None = None,
+                   need_bias: bool = False) -> tuple[torch.Tensor | None, ...]:
+    return torch.ops.aten.convolution_backward(
+        grad, xp, weight, bias_size, list(stride), list(call.padding), list(call.dilation), False, [0, 0], groups,
+        [need_input, need_weight, need_bias],
+    )
+
+
+class _QuadraticDepthwiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
+        primary = layer.primary_conv(x, weight, bias)
+        primary_call, call_a, call_b = layer.branch_calls(x)
+        a, _ = _branch_forward(x, weight_a, call_a, layer.stride, layer.channels)
+        b, _ = _branch_forward(x, weight_b, call_b, layer.stride, layer.channels)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.calls = (primary_call, call_a, call_b)
+        kept = (a, b) if layer.keep_branches else ()
+        ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
+        return primary + layer.reduce_rank(a * b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        layer: QuadraticDepthwiseConv2d = ctx.layer
+        x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
+        primary_call, call_a, call_b = ctx.calls
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        stride, groups = layer.stride, layer.channels
+        grad = grad.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else grad
+        if kept:
+            a, b = kept
+            xa = F.pad(x, call_a.pre_pads) if call_a.pre_pads is not None else x
+            xb = F.pad(x, call_b.pre_pads) if call_b.pre_pads is not None else x
+        else:
+            a, xa = _branch_forward(x, weight_a, call_a, stride, groups)
+            b, xb = _branch_forward(x, weight_b, call_b, stride, groups)
+        grad_r = layer.expand_rank(grad)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x or need_a:
+            gx, grad_a, _ = _conv_backward(grad_r * b, xa, weight_a, call_a, stride, groups, need_x, need_a)
+            grad_x = _unpad(gx, call_a.pre_pads) if need_x else None
+        if need_x or need_b:
+            gx, grad_b, _ = _conv_backward(grad_r * a, xb, weight_b, call_b, stride, groups, need_x, need_b)
+            if need_x:
+                grad_x = grad_x + _unpad(gx, call_b.pre_pads)
+        if need_x or need_w or need_bias:
+            xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
+            gx, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x, need_w,
+                                                   [weight.shape[0]], need_bias)
+            if need_x:
+                grad_x = grad_x + _unpad(gx, primary_call.pre_pads)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class QuadraticDepthwiseConv2d(nn.Module):
+    """Frozen depthwise conv plus a trainable low-rank atrous quadratic term (exact at init)."""
+
+    def __init__(self, channels: int, kernel_size: Pair, stride: Pair = (1, 1), padding: Any = 0,
+                 dilation: Pair = (1, 1), bias: bool = True, rank: int = 1, same_dynamic: bool = False,
+                 branch_a: AtrousKernel | None = None, branch_b: AtrousKernel | None = None,
+                 keep_branches: bool = False, b_init_std: float | None = None, train_bias: bool = False) -> None:
+        super().__init__()
+        self.train_bias = train_bias
+        default_a, default_b = default_branches(kernel_size, dilation)
+        self.channels, self.kernel_size, self.stride = channels, tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation, self.same_dynamic = padding, tuple(dilation), same_dynamic
+        self.rank, self.keep_branches = rank, keep_branches
+        self.branch_a, self.branch_b = branch_a or default_a, branch_b or default_b
+        span = conv_span(self.kernel_size, self.dilation)
+        for name, branch in (("a", self.branch_a), ("b", self.branch_b)):
+            if any(s > t for s, t in zip(branch.span(), span)):
+                raise ValueError(f"branch {name} spans {branch.span()}, more than the kernel's {span}")
+        self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(channels), requires_grad=False) if bias else None
+        self.weight_a = nn.Parameter(torch.zeros(channels * rank, 1, *self.branch_a.kernel))
+        self.weight_b = nn.Parameter(torch.empty(channels * rank, 1, *self.branch_b.kernel))
+        std = b_init_std if b_init_std is not None else 1.0 / math.sqrt(math.prod(self.branch_b.kernel))
+        nn.init.normal_(self.weight_b, 0.0, std)
+
+    # ------------------------------------------------------------------------------------------- geometry
+    def primary_pads(self, x: torch.Tensor) -> Pads:
+        if self.same_dynamic:
+            return same_pads(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
+        return static_pads(self.padding, self.kernel_size, self.dilation)
+
+    def branch_calls(self, x: torch.Tensor) -> tuple[_BranchCall, _BranchCall, _BranchCall]:
+        pads = self.primary_pads(x)
+        span = conv_span(self.kernel_size, self.dilation)
+        calls = [_BranchCall(*_split_pads(pads), self.dilation)]
+        for branch in (self.branch_a, self.branch_b):
+            calls.append(_BranchCall(*_split_pads(branch_pads(pads, span, branch.span())), branch.dilation))
+        return tuple(calls)  # type: ignore[return-value]
+
+    def primary_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Exactly the call the original layer made (same padding argument), so init output is identical."""
+        if self.same_dynamic:
+            x = F.pad(x, self.primary_pads(x))
+            return F.conv2d(x, weight, bias, self.stride, (0, 0), self.dilation, self.channels)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.channels)
+
+    def reduce_rank(self, product: torch.Tensor) -> torch.Tensor:
+        if self.rank == 1:
+            return product
+        n, _, h, w = product.shape
+        return product.view(n, self.channels, self.rank, h, w).sum(dim=2)
+
+    def expand_rank(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.rank == 1:
+            return grad
+        n, c, h, w = grad.shape
+        return grad.unsqueeze(2).expand(n, c, self.rank, h, w).reshape(n, c * self.rank, h, w)
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.weight, self.bias, self.weight_a, self.weight_b)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            return _QuadraticDepthwiseFn.apply(x, self.weight, self.bias, self.weight_a, self.weight_b, self)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula with plain autograd ops: the reference that the custom backward is tested against."""
+        _, call_a, call_b = self.branch_calls(x)
+        a, _ = _branch_forward(x, self.weight_a, call_a, self.stride, self.channels)
+        b, _ = _branch_forward(x, self.weight_b, call_b, self.stride, self.channels)
+        return self.primary_conv(x, self.weight, self.bias) + self.reduce_rank(a * b)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, same_dynamic: bool = False, rank: int = 1,
+                  branch_a: AtrousKernel | None = None, branch_b: AtrousKernel | None = None,
+                  keep_branches: bool = False, b_init_std: float | None = None,
+                  train_bias: bool = False) -> QuadraticDepthwiseConv2d:
+        layer = cls(conv.in_channels, tuple(conv.kernel_size), tuple(conv.stride), conv.padding,
+                    tuple(conv.dilation), bias=conv.bias is not None or train_bias, rank=rank,
+                    same_dynamic=same_dynamic, branch_a=branch_a, branch_b=branch_b, keep_branches=keep_branches,
+                    b_init_std=b_init_std, train_bias=train_bias)
+        layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(train_bias)
+        return layer
+
+    def added_parameters(self) -> int:
+        return self.weight_a.numel() + self.weight_b.numel()
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, rank={self.rank}, "
+                f"a={self.branch_a.kernel}@{self.branch_a.dilation}, b={self.branch_b.kernel}@{self.branch_b.dilation}"
+                + (", same_dynamic=True" if self.same_dynamic else ""))

@@ -1,0 +1,169 @@
+"""S2A quantized-activation layers: exact forward, low-bit tensors saved for backward.
+
+The forward pass calls the *original* module or function, so outputs are bit-identical to the unconverted
+model (including ``inplace=True`` behaviour). Only what autograd keeps changes: a 1-bit mask, a ``bits``-bit
+derivative-interval code, or a ``bits``-bit output with per-row scale, all bit-packed and registered through
+``ctx.save_for_backward`` (so ``saved_tensors_hooks`` see exactly what is kept).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.layers import bitpack
+from surgeon.layers.activation_ops import FUNCTION_KEYS, ActivationSpec
+from surgeon.layers.derivative_codebook import codebook, decode, encode
+from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
+
+_STATE = threading.local()
+
+
+@contextmanager
+def inside_replacement() -> Iterator[None]:
+    """Marks calls made by surgeon's own layers, so a census does not count them as unconverted sites."""
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def in_replacement() -> bool:
+    return getattr(_STATE, "depth", 0) > 0
+
+
+def _mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    """Where the derivative takes its 'high' value (matches torch's own backward at the boundaries)."""
+    if spec.op in ("relu", "leaky_relu"):
+        return x > 0
+    if spec.op == "relu6":
+        return (x > 0) & (x < 6)
+    if spec.op == "hardtanh":
+        return (x > spec.param("min_val")) & (x < spec.param("max_val"))
+    if spec.op == "hardsigmoid":
+        return (x > -3) & (x < 3)
+    raise AssertionError(spec.op)
+
+
+def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    if spec.op == "leaky_relu":
+        slope = spec.param("negative_slope")
+        return torch.where(mask, grad, grad * slope)
+    if spec.op == "hardsigmoid":
+        return grad * mask / 6.0
+    return grad * mask
+
+
+def _codebook_name(spec: ActivationSpec) -> str:
+    if spec.op == "gelu" and spec.param("approximate") == "tanh":
+        return "gelu_tanh"
+    return spec.op
+
+
+class _QuantizedActivationFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor],
+                spec: ActivationSpec, bits: int, group_size: int) -> torch.Tensor:
+        ctx.spec, ctx.bits, ctx.shape, ctx.dtype = spec, bits, x.shape, x.dtype
+        family = spec.family
+        if family == "mask":
+            saved = (bitpack.pack(_mask(x, spec), 1),)
+        elif family == "derivative":
+            saved = (bitpack.pack(encode(x, codebook(_codebook_name(spec), bits)), bits),)
+        y = forward_fn(x)
+        if y is x or (y.data_ptr() == x.data_ptr() and y.shape == x.shape):
+            ctx.mark_dirty(x)
+            y = x
+        if family == "output":
+            if spec.op == "softmax":
+                dim = spec.param("dim") % y.dim()
+                moved = y.movedim(dim, -1)
+                ctx.moved_shape = moved.shape
+                rows = moved.reshape(-1, moved.shape[-1])
+            else:
+                rows = as_groups(y, group_size)
+            q = quantize_rows(rows, bits)
+            ctx.rows, ctx.width = q.rows, q.width
+            saved = q.tensors()
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        spec: ActivationSpec = ctx.spec
+        numel = grad.numel()
+        if spec.family == "mask":
+            (packed,) = ctx.saved_tensors
+            mask = bitpack.unpack(packed, 1, numel).view(ctx.shape).bool()
+            grad_in = _mask_gradient(grad, mask, spec)
+        elif spec.family == "derivative":
+            (packed,) = ctx.saved_tensors
+            codes = bitpack.unpack(packed, ctx.bits, numel).view(ctx.shape)
+            grad_in = grad * decode(codes, codebook(_codebook_name(spec), ctx.bits), grad.dtype)
+        else:
+            packed, offset, step = ctx.saved_tensors
+            rows = dequantize_rows(packed, offset, step, ctx.rows, ctx.width, ctx.bits, grad.dtype)
+            if spec.op == "softmax":
+                dim = spec.param("dim") % grad.dim()
+                y = rows.view(ctx.moved_shape).movedim(-1, dim)
+                grad_in = y * (grad - (grad * y).sum(dim=dim, keepdim=True))
+            else:
+                y = rows.reshape(-1)[:numel].view(ctx.shape)
+                grad_in = grad * (y * (1 - y) if spec.op == "sigmoid" else 1 - y * y)
+        return grad_in, None, None, None, None
+
+
+def quantized_apply(x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], spec: ActivationSpec,
+                    bits: int, group_size: int) -> torch.Tensor:
+    """Run ``forward_fn(x)``; if a backward will follow, keep only the low-bit tensors for it."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return forward_fn(x)
+    return _QuantizedActivationFn.apply(x, forward_fn, spec, bits, group_size)
+
+
+class QuantizedActivation(nn.Module):
+    """Drop-in replacement for an activation module; ``original`` is kept and computes the forward."""
+
+    def __init__(self, original: nn.Module, spec: ActivationSpec, bits: int = 4, group_size: int = 128) -> None:
+        super().__init__()
+        self.original = original
+        self.spec = spec
+        self.bits = bits
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with inside_replacement():
+            return quantized_apply(x, self.original, self.spec, self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"op={self.spec.op}, bits={1 if self.spec.family == 'mask' else self.bits}"
+
+
+def quantized_call(x: torch.Tensor, target: str, op: str, params: tuple[tuple[str, Any], ...], bits: int,
+                   group_size: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Functional site after rewriting: ``target`` is a function key of ``FUNCTION_KEYS`` or ``"method:name"``.
+
+    Only strings, numbers and tuples are passed so the rewritten GraphModule's generated code stays plain.
+    """
+    if target.startswith("method:"):
+        name = target[len("method:"):]
+
+        def forward_fn(t: torch.Tensor) -> torch.Tensor:
+            return getattr(t, name)(*args, **kwargs)
+    else:
+        fn = FUNCTION_KEYS[target]
+
+        def forward_fn(t: torch.Tensor) -> torch.Tensor:
+            return fn(t, *args, **kwargs)
+
+    with inside_replacement():
+        return quantized_apply(x, forward_fn, ActivationSpec(op, params), bits, group_size)
+
+
+torch.fx.wrap("quantized_call")

@@ -1,0 +1,101 @@
+"""Scaled dot-product attention whose softmax is saved at low bit-width.
+
+Fused ``F.scaled_dot_product_attention`` hides its softmax, so there is no site to quantize. This module
+provides an equivalent: without autograd it calls the fused op itself (bit-identical outputs); when a backward
+will follow it computes attention explicitly and keeps ``q``, ``k``, ``v`` and the probabilities quantized
+per row (plus a 1-bit dropout mask when dropout is active) - never the fp32 ``N x N`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surgeon.layers import bitpack
+from surgeon.layers.quantized_activation import inside_replacement
+from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
+
+
+def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, k: torch.Tensor
+                   ) -> torch.Tensor | None:
+    length_q, length_k = q.shape[-2], k.shape[-2]
+    mask = None
+    if is_causal:
+        keep = torch.ones(length_q, length_k, dtype=torch.bool, device=q.device).tril()
+        mask = torch.zeros(length_q, length_k, dtype=q.dtype, device=q.device).masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        extra = attn_mask
+        if attn_mask.dtype == torch.bool:
+            extra = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, -math.inf)
+        mask = extra if mask is None else mask + extra
+    return mask
+
+
+class _QuantizedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                dropout_p: float, scale: float, bits: int) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        ctx.probs_shape, ctx.bits, ctx.scale, ctx.dropout_p = probs.shape, bits, scale, dropout_p
+        dropped = probs
+        saved_mask: tuple[torch.Tensor, ...] = ()
+        if dropout_p > 0:
+            keep = torch.rand_like(probs) >= dropout_p
+            dropped = probs * keep / (1 - dropout_p)
+            saved_mask = (bitpack.pack(keep, 1),)
+        out = dropped @ v
+        quantized = quantize_rows(probs.reshape(-1, probs.shape[-1]), bits)
+        ctx.rows, ctx.width = quantized.rows, quantized.width
+        ctx.save_for_backward(q, k, v, *quantized.tensors(), *saved_mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, packed, offset, step, *rest = ctx.saved_tensors
+        probs = dequantize_rows(packed, offset, step, ctx.rows, ctx.width, ctx.bits, grad.dtype)
+        probs = probs.view(ctx.probs_shape)
+        dropped = probs
+        if ctx.dropout_p > 0:
+            keep = bitpack.unpack(rest[0], 1, probs.numel()).view(ctx.probs_shape).to(grad.dtype)
+            keep = keep / (1 - ctx.dropout_p)
+            dropped = probs * keep
+        grad_v = dropped.transpose(-2, -1) @ grad
+        grad_probs = grad @ v.transpose(-2, -1)
+        if ctx.dropout_p > 0:
+            grad_probs = grad_probs * keep
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+        grad_scores = grad_scores * ctx.scale
+        grad_q = grad_scores @ k
+        grad_k = grad_scores.transpose(-2, -1) @ q
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def quantized_scaled_dot_product_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+    *, bits: int = 4,
+) -> torch.Tensor:
+    """Same signature and result as ``F.scaled_dot_product_attention``; low-bit probabilities for backward."""
+    with inside_replacement():
+        return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool, bits: int) -> torch.Tensor:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    grouped = enable_gqa and query.shape[-3] != key.shape[-3]
+    if not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    mask = _additive_mask(attn_mask, is_causal, query, key)
+    return _QuantizedAttentionFn.apply(query, key, value, mask, float(dropout_p), scale_value, bits)
+
+
+torch.fx.wrap("quantized_scaled_dot_product_attention")

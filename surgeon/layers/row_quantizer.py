@@ -1,0 +1,57 @@
+"""Affine low-bit quantization of a tensor in rows (per-row or per-group scale).
+
+Used to keep the *output* of Sigmoid, Tanh and Softmax for backward: their derivatives are functions of the
+output. Each row (a softmax row along its dim, or a fixed-size group of a flattened tensor) gets its own
+minimum and step, stored in fp32 beside the bit-packed codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from surgeon.layers import bitpack
+
+
+@dataclass
+class QuantizedRows:
+    """Bit-packed codes of a ``[rows, width]`` matrix plus per-row offset and step."""
+
+    packed: torch.Tensor
+    offset: torch.Tensor
+    step: torch.Tensor
+    rows: int
+    width: int
+    bits: int
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.packed, self.offset, self.step
+
+
+def quantize_rows(matrix: torch.Tensor, bits: int) -> QuantizedRows:
+    """Quantize every row of a 2-D tensor to ``2**bits`` levels between its min and max (round to nearest)."""
+    rows, width = matrix.shape
+    levels = 2**bits - 1
+    values = matrix.float()
+    low = values.amin(dim=1, keepdim=True)
+    high = values.amax(dim=1, keepdim=True)
+    step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
+    return QuantizedRows(bitpack.pack(codes, bits), low, step, rows, width, bits)
+
+
+def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
+                    bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` (up to the rounding): a ``[rows, width]`` tensor of ``dtype``."""
+    codes = bitpack.unpack(packed, bits, rows * width).view(rows, width)
+    return (codes.float() * step + offset).to(dtype)
+
+
+def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Flatten and zero-pad ``tensor`` into ``[groups, group_size]`` rows."""
+    flat = tensor.reshape(-1)
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, group_size)

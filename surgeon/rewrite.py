@@ -1,0 +1,174 @@
+"""The rewrite engine: apply a recipe's decisions to a model.
+
+Module sites are swapped in place (every alias path gets the same new object, so shared modules stay
+shared); functional sites are rewritten in the fx graph of their *owner* module only, which then becomes a
+GraphModule holding the same children and parameters - so ``state_dict`` keys do not change.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from surgeon.errors import SurgeonError
+from surgeon.layers.activation_ops import FUNCTION_KEY_OF
+from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.layers.quantized_activation import QuantizedActivation, quantized_call
+from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
+from surgeon.recipe import Recipe, Rule, match_pattern
+from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, quadratic_branches
+from surgeon.tracing import trace_owner
+
+# attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
+_ROOT_ATTRIBUTES = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "global_pool")
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module:
+    if site.target == "depthwise_conv":
+        branch_a, branch_b = quadratic_branches(rule, original)  # type: ignore[arg-type]
+        return QuadraticDepthwiseConv2d.from_conv(
+            original,  # type: ignore[arg-type]
+            same_dynamic=CONV2D_SAME is not None and type(original) is CONV2D_SAME,
+            rank=rule.option("rank"), branch_a=branch_a, branch_b=branch_b,
+            keep_branches=rule.option("keep_branches"), b_init_std=rule.option("b_init_std"),
+            train_bias=rule.option("train_bias"))
+    assert site.spec is not None
+    bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
+    return QuantizedActivation(original, site.spec, bits=bits, group_size=rule.option("group_size"))
+
+
+def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe: Recipe,
+                   observed: dict[str, Any] | None) -> torch.fx.GraphModule:
+    graph = trace_owner(owner, observed)
+    wanted = {(s.op, s.occurrence): s for s in sites}
+    done = set()
+    for node, _, op, occurrence in functional_nodes(graph, owner_path):
+        site = wanted.get((op, occurrence))
+        if site is None:
+            continue
+        rule = recipe.rules[site.rule]  # type: ignore[index]
+        assert site.spec is not None
+        with graph.inserting_after(node):
+            if op == "scaled_dot_product_attention":
+                new = graph.call_function(quantized_scaled_dot_product_attention, node.args,
+                                          {**node.kwargs, "bits": rule.option("output_bits")})
+            else:
+                target = f"method:{node.target}" if node.op == "call_method" else FUNCTION_KEY_OF[node.target]
+                bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
+                new = graph.call_function(
+                    quantized_call,
+                    (node.args[0], target, op, site.spec.params, bits, rule.option("group_size"), *node.args[1:]),
+                    dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done.add((op, occurrence))
+    missing = set(wanted) - done
+    if missing:
+        raise SurgeonError(f"internal: sites {sorted(missing)} of {owner_path or '<root>'} vanished on re-trace")
+    graph.lint()
+    rewritten = torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    _carry_over_state(owner, rewritten)
+    return rewritten
+
+
+def _carry_over_state(original: nn.Module, rewritten: nn.Module) -> None:
+    """GraphModule keeps only what its graph touches; keep every child, parameter and buffer so ``state_dict``
+    keys and ``.train()``/``.eval()`` propagation are unchanged."""
+    for name, child in original.named_children():
+        if name not in rewritten._modules:
+            rewritten.add_module(name, child)
+    for name, param in original.named_parameters(recurse=False):
+        if name not in rewritten._parameters:
+            rewritten.register_parameter(name, param)
+    for name, buffer in original.named_buffers(recurse=False):
+        if name not in rewritten._buffers:
+            rewritten.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    for name in _ROOT_ATTRIBUTES:
+        if hasattr(original, name) and not hasattr(rewritten, name):
+            setattr(rewritten, name, getattr(original, name))
+    rewritten.train(original.training)
+
+
+@dataclass
+class ConversionInfo:
+    """What was done to a model; attached to the converted model as ``surgeon_info``."""
+
+    recipe: Recipe
+    sites: list[Site]
+    base: dict[str, Any]
+
+
+def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,
+                    observed: dict[int, dict[str, Any] | None] | None = None) -> nn.Module:
+    """Swap modules and rewrite owners for every site whose action is ``swap``. Returns the (possibly new)
+    root."""
+    for site in analysis.sites:
+        if site.action != "swap" or site.owner is not None:
+            continue
+        original = model.get_submodule(site.path)
+        replacement = _build_replacement(site, recipe.rules[site.rule], original)  # type: ignore[index]
+        for alias in site.aliases:
+            set_submodule(model, alias, replacement)
+    by_owner: dict[str, list[Site]] = defaultdict(list)
+    for site in analysis.sites:
+        if site.action == "swap" and site.owner is not None:
+            by_owner[site.owner].append(site)
+    # deepest owners first, so a parent's re-trace sees already rewritten children as leaves
+    for owner_path in sorted(by_owner, key=lambda p: -p.count(".") - (p != "")):
+        owner = model.get_submodule(owner_path) if owner_path else model
+        paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is owner] or [owner_path]
+        rewritten = _rewrite_owner(owner, owner_path, by_owner[owner_path], recipe,
+                                   (observed or {}).get(id(owner)))
+        if owner_path == "":
+            model = rewritten
+        else:
+            for alias in paths:
+                set_submodule(model, alias, rewritten)
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters that surgeon layers add (the quadratic ``weight_a``/``weight_b``)."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, QuadraticDepthwiseConv2d):
+            found.append((f"{path}.weight_a" if path else "weight_a", module.weight_a))
+            found.append((f"{path}.weight_b" if path else "weight_b", module.weight_b))
+    return found
+
+
+def set_trainable(model: nn.Module, recipe: Recipe) -> None:
+    """Freeze everything, then unfreeze adapters, requested biases and the recipe's ``trainable`` globs."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, param in adapter_parameters(model):
+        param.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, QuadraticDepthwiseConv2d) and module.bias is not None and module.train_bias:
+            module.bias.requires_grad_(True)
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in recipe.trainable:
+        hits = [n for n in names if match_pattern(pattern, n)]
+        if not hits:
+            raise SurgeonError(f"recipe field 'trainable': pattern {pattern!r} matches no parameter")
+        for name in hits:
+            model.get_parameter(name).requires_grad_(True)
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise SurgeonError(f"cannot copy the model for conversion ({exc}); pass inplace=True") from exc
