@@ -1,6 +1,8 @@
 """surgeon: convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
 
 from surgeon.api import convert, output_difference, plan, trainable_parameters
+from surgeon.artifacts import load, save
+from surgeon.loading import load_model
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
 from surgeon.recipe import Recipe, load_recipe
 
@@ -13,8 +15,11 @@ __all__ = [
     "SurgeonError",
     "__version__",
     "convert",
+    "load",
+    "load_model",
     "load_recipe",
     "output_difference",
     "plan",
+    "save",
     "trainable_parameters",
 ]

@@ -69,8 +69,10 @@ def convert(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input
     converted = apply_decisions(work, analysis, resolved, observed)
     set_trainable(converted, resolved)
     _check_complete(converted, resolved, example)
-    converted.surgeon_info = ConversionInfo(recipe=resolved, sites=analysis.sites, base=base or {
-        "architecture": model_name(model), "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+    recorded = dict(base or {"architecture": model_name(model),
+                             "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+    recorded["example_input_shape"] = list(example.shape)
+    converted.surgeon_info = ConversionInfo(recipe=resolved, sites=analysis.sites, base=recorded)
     return converted
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.layers.quantized_activation import QuantizedActivation, quantized_call
+from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
 from surgeon.recipe import Recipe, Rule, match_pattern
 from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, quadratic_branches
@@ -67,6 +67,7 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
             else:
                 target = f"method:{node.target}" if node.op == "call_method" else FUNCTION_KEY_OF[node.target]
                 bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
+                prepare(site.spec, bits)
                 new = graph.call_function(
                     quantized_call,
                     (node.args[0], target, op, site.spec.params, bits, rule.option("group_size"), *node.args[1:]),

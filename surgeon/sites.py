@@ -159,7 +159,7 @@ def _estimate_activation(site: Site, rule: Rule) -> None:
         width = site.input_shape[-1] if site.input_shape else 1
         groups = numel // max(width, 1) if spec.family in ("attention",) or spec.op == "softmax" else \
             math.ceil(numel / rule.option("group_size"))
-        overhead = 8 * groups
+        overhead = (4 if spec.op == "softmax" else 8) * groups
     if spec.family == "attention":
         site.saved_bytes_before = 0
         site.saved_bytes_after = 0
@@ -325,8 +325,8 @@ def _add_hidden_sites(model: nn.Module, census: Census, traced_owners: set[str],
                 ops = [op for _, _, op, _ in functional_nodes(graph, owner)]
                 if ops.count(call.op) <= site.occurrence:
                     raise UnsupportedCall("its traced forward does not contain this call")
-                node = [n for n, _, op, occ in functional_nodes(graph, owner)
-                        if op == call.op and occ == site.occurrence][0]
+                node = next(n for n, _, op, occ in functional_nodes(graph, owner)
+                        if op == call.op and occ == site.occurrence)
                 site.spec = _spec_of_node(node, call.op)
             except Exception as exc:
                 site.blocker = (f"{call.kind} {call.op} inside {type(module).__name__}, which could not be traced: "

@@ -11,6 +11,7 @@ rather than the input's.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def codebook(function: str, bits: int) -> DerivativeCodebook:
     cuts = sorted(set(cuts))
     values = []
     boundaries = []
-    for start, stop in zip(cuts[:-1], cuts[1:]):
+    for start, stop in itertools.pairwise(cuts):
         values.append(float((cum_wd[stop] - cum_wd[start]) / (cum_w[stop] - cum_w[start])))
         if stop < points:
             boundaries.append(float(0.5 * (grid[stop - 1] + grid[stop])))
@@ -110,7 +111,7 @@ def codebook(function: str, bits: int) -> DerivativeCodebook:
 def encode(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
     """Interval index of every element of ``x`` (uint8)."""
     boundaries = book.boundaries.to(device=x.device, dtype=x.dtype)
-    return torch.bucketize(x, boundaries).to(torch.uint8)
+    return torch.bucketize(x.contiguous(), boundaries).to(torch.uint8)
 
 
 def decode(codes: torch.Tensor, book: DerivativeCodebook, dtype: torch.dtype) -> torch.Tensor:

@@ -88,7 +88,7 @@ class _QuantizedActivationFn(torch.autograd.Function):
                 rows = moved.reshape(-1, moved.shape[-1])
             else:
                 rows = as_groups(y, group_size)
-            q = quantize_rows(rows, bits)
+            q = quantize_rows(rows, bits, nonnegative=spec.op == "softmax")
             ctx.rows, ctx.width = q.rows, q.width
             saved = q.tensors()
         ctx.save_for_backward(*saved)
@@ -119,6 +119,12 @@ class _QuantizedActivationFn(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
+def prepare(spec: ActivationSpec, bits: int) -> None:
+    """Build the derivative codebook now rather than inside the first training step."""
+    if spec.family == "derivative":
+        codebook(_codebook_name(spec), bits)
+
+
 def quantized_apply(x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], spec: ActivationSpec,
                     bits: int, group_size: int) -> torch.Tensor:
     """Run ``forward_fn(x)``; if a backward will follow, keep only the low-bit tensors for it."""
@@ -136,6 +142,7 @@ class QuantizedActivation(nn.Module):
         self.spec = spec
         self.bits = bits
         self.group_size = group_size
+        prepare(spec, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with inside_replacement():

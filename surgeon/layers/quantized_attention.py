@@ -50,7 +50,7 @@ class _QuantizedAttentionFn(torch.autograd.Function):
             dropped = probs * keep / (1 - dropout_p)
             saved_mask = (bitpack.pack(keep, 1),)
         out = dropped @ v
-        quantized = quantize_rows(probs.reshape(-1, probs.shape[-1]), bits)
+        quantized = quantize_rows(probs.reshape(-1, probs.shape[-1]), bits, nonnegative=True)
         ctx.rows, ctx.width = quantized.rows, quantized.width
         ctx.save_for_backward(q, k, v, *quantized.tensors(), *saved_mask)
         return out

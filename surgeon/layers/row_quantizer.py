@@ -29,23 +29,27 @@ class QuantizedRows:
         return self.packed, self.offset, self.step
 
 
-def quantize_rows(matrix: torch.Tensor, bits: int) -> QuantizedRows:
-    """Quantize every row of a 2-D tensor to ``2**bits`` levels between its min and max (round to nearest)."""
+def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) -> QuantizedRows:
+    """Quantize every row of a 2-D tensor to ``2**bits`` levels between its min and max (round to nearest).
+
+    ``nonnegative`` rows (probabilities) use 0 as the lower end and store no offset."""
     rows, width = matrix.shape
     levels = 2**bits - 1
     values = matrix.float()
-    low = values.amin(dim=1, keepdim=True)
     high = values.amax(dim=1, keepdim=True)
+    low = values.new_zeros(rows, 1) if nonnegative else values.amin(dim=1, keepdim=True)
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
-    return QuantizedRows(bitpack.pack(codes, bits), low, step, rows, width, bits)
+    offset = values.new_zeros(0) if nonnegative else low
+    return QuantizedRows(bitpack.pack(codes, bits), offset, step, rows, width, bits)
 
 
 def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
                     bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_rows` (up to the rounding): a ``[rows, width]`` tensor of ``dtype``."""
     codes = bitpack.unpack(packed, bits, rows * width).view(rows, width)
-    return (codes.float() * step + offset).to(dtype)
+    values = codes.float() * step
+    return (values + offset if offset.numel() else values).to(dtype)
 
 
 def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,0 +1,5 @@
+"""``python -m surgeon`` runs the CLI."""
+
+from surgeon.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""The ``surgeon`` command line: a thin layer over the Python API.
+
+Errors are one line on stderr with exit code 2 (``SURGEON_DEBUG=1`` re-raises for a traceback); progress is
+shown only when stderr is a terminal; ``--json`` prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from surgeon.errors import SurgeonError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert pretrained vision models into quadratic-adapter, low-activation-memory networks.")
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> typer.Exit:
+    stderr.print(f"error: {message}", markup=False, highlight=False)
+    return typer.Exit(2)
+
+
+def friendly_errors(command: F) -> F:
+    """One-line errors and exit code 2 instead of tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except SurgeonError as exc:
+            if os.environ.get("SURGEON_DEBUG"):
+                raise
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted") from None
+        except Exception as exc:
+            if os.environ.get("SURGEON_DEBUG"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise fail(f"{type(exc).__name__}: {first} (set SURGEON_DEBUG=1 for the traceback)") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress(message: str) -> Iterator[None]:
+    if sys.stderr.isatty():
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+ModelArg = Annotated[str, typer.Argument(help="timm name, hf-hub:org/name, local-dir:PATH, a directory, or a "
+                                              "weights file (with --arch).")]
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name or a TOML file.")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Weights file for a timm architecture.")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="timm architecture of a weights file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+NonStrictOpt = Annotated[bool, typer.Option("--non-strict", help="Allow missing/unexpected checkpoint keys.")]
+
+
+def _load(model: str, weights: Path | None, arch: str | None, pretrained: bool, non_strict: bool) -> Any:
+    from surgeon.loading import load_model
+
+    with progress(f"loading {model}"):
+        return load_model(model, weights=str(weights) if weights else None, arch=arch, pretrained=pretrained,
+                          strict=not non_strict)
+
+
+@app.command()
+@friendly_errors
+def plan(model: ModelArg, recipe: RecipeOpt = "quadranet-v2-s2a", weights: WeightsOpt = None, arch: ArchOpt = None,
+         json_output: JsonOpt = False, non_strict: NonStrictOpt = False) -> None:
+    """Show every site of MODEL and what RECIPE would do there (nothing is written)."""
+    import surgeon
+
+    loaded = _load(model, weights, arch, pretrained=False, non_strict=non_strict)
+    with progress("analysing"):
+        result = surgeon.plan(loaded.model, recipe)
+    if json_output:
+        print(result.to_json())
+        return
+    stdout.print(result.table())
+    stdout.print(result.summary_line(), markup=False)
+    for warning in result.warnings:
+        stderr.print(f"warning: {warning}", markup=False)
+
+
+@app.command()
+@friendly_errors
+def convert(model: ModelArg,
+            out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
+            recipe: RecipeOpt = "quadranet-v2-s2a", weights: WeightsOpt = None, arch: ArchOpt = None,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and verify, write nothing.")] = False,
+            force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+            json_output: JsonOpt = False, non_strict: NonStrictOpt = False,
+            random_init: Annotated[bool, typer.Option("--random-init",
+                                                      help="Use random weights (no download).")] = False) -> None:
+    """Convert MODEL with RECIPE, verify the output is unchanged, and save it to OUT."""
+    import surgeon
+    from surgeon.api import default_input, output_difference
+
+    if out is None and not dry_run:
+        raise fail("--out DIR is required (or use --dry-run)")
+    if out is not None and out.exists() and not force and not dry_run:
+        raise fail(f"{out} already exists (use --force to replace it)")
+    loaded = _load(model, weights, arch, pretrained=not random_init, non_strict=non_strict)
+    with progress("converting"):
+        converted = surgeon.convert(loaded.model, recipe, base=loaded.base)
+        check = output_difference(loaded.model, converted, default_input(loaded.model, batch=2))
+    info = converted.surgeon_info
+    swapped = [s for s in info.sites if s.action == "swap"]
+    unreachable = [s for s in info.sites if s.action == "unreachable"]
+    trainable = sum(p.numel() for p in surgeon.trainable_parameters(converted).values())
+    if out is not None and not dry_run:
+        with progress(f"writing {out}"):
+            surgeon.save(converted, out, force=force)
+    report = {
+        "schema": "surgeon.convert/1", "model": model, "recipe": info.recipe.name, "out": None if dry_run else
+        str(out), "dry_run": dry_run, "swapped": len(swapped), "unreachable": [s.to_dict() for s in unreachable],
+        "swapped_by_op": {op: sum(1 for s in swapped if s.op == op) for op in sorted({s.op for s in swapped})},
+        "trainable_parameters": trainable, "verification": check,
+    }
+    if json_output:
+        print(json.dumps(report, indent=2))
+        return
+    ops = ", ".join(f"{n} {op}" for op, n in report["swapped_by_op"].items())
+    stdout.print(f"converted {model} with '{info.recipe.name}': {len(swapped)} sites swapped ({ops}); "
+                 f"{trainable:,} trainable parameters", markup=False)
+    for site in unreachable:
+        stdout.print(f"  unreachable: {site.path}: {site.reason}", markup=False)
+    stdout.print(f"verification (eval, batch 2): max |Δ logit| = {check['max_abs_diff']:.3g} "
+                 f"({check['relative']:.3g} of max |logit| {check['max_abs_output']:.3g})", markup=False)
+    stdout.print("dry run: nothing written" if dry_run else f"saved to {out}", markup=False)
+
+
+@app.command()
+@friendly_errors
+def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Where to put every artifact.")] = Path("surgeon-demo"),
+         force: Annotated[bool, typer.Option("--force", help="Replace artifacts from an earlier run.")] = True,
+         ) -> None:
+    """Run the whole pipeline offline on real pretrained weights and real photos."""
+    from surgeon.demo import run_demo
+
+    report = run_demo(out, say=lambda line: stdout.print(line, markup=False, highlight=False), force=force)
+    stdout.print("artifacts:", markup=False)
+    for what, where in report.artifacts.items():
+        stdout.print(f"  {what}: {where}", markup=False)
+
+
+def main() -> None:
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # retries and cache notes would bury the one-line error
+    app()
+
+
+if __name__ == "__main__":
+    main()
