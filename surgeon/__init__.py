@@ -2,8 +2,8 @@
 
 from surgeon.api import convert, output_difference, plan, trainable_parameters
 from surgeon.artifacts import load, save
-from surgeon.loading import load_model
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
+from surgeon.loading import load_model
 from surgeon.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
