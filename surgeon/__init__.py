@@ -4,6 +4,7 @@ from surgeon.api import convert, output_difference, plan, trainable_parameters
 from surgeon.artifacts import load, save
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
 from surgeon.loading import load_model
+from surgeon.merge import merge, save_merged
 from surgeon.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
@@ -18,8 +19,10 @@ __all__ = [
     "load",
     "load_model",
     "load_recipe",
+    "merge",
     "output_difference",
     "plan",
     "save",
+    "save_merged",
     "trainable_parameters",
 ]

@@ -29,6 +29,25 @@ from surgeon.tracing import trace_owner
 _ROOT_ATTRIBUTES = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "global_pool")
 
 
+class RewrittenModule(torch.fx.GraphModule):
+    """A module whose own forward was rewritten. It remembers the module it was traced from (``merge`` puts that
+    back) and, unlike a plain GraphModule, keeps that and ``surgeon_info`` through ``copy.deepcopy``."""
+
+    _kept_attributes = ("_surgeon_original", "surgeon_info")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RewrittenModule:
+        copied = super().__deepcopy__(memo)
+        for name in self._kept_attributes:
+            if name in self.__dict__:
+                object.__setattr__(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        return copied
+
+
+def original_of(module: nn.Module) -> nn.Module | None:
+    """The module a :class:`RewrittenModule` was traced from."""
+    return module.__dict__.get("_surgeon_original")
+
+
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -50,7 +69,7 @@ def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module
 
 
 def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe: Recipe,
-                   observed: dict[str, Any] | None) -> torch.fx.GraphModule:
+                   observed: dict[str, Any] | None) -> RewrittenModule:
     graph = trace_owner(owner, observed)
     wanted = {(s.op, s.occurrence): s for s in sites}
     done = set()
@@ -79,8 +98,9 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
     if missing:
         raise SurgeonError(f"internal: sites {sorted(missing)} of {owner_path or '<root>'} vanished on re-trace")
     graph.lint()
-    rewritten = torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    rewritten = RewrittenModule(owner, graph, class_name=type(owner).__name__)
     _carry_over_state(owner, rewritten)
+    object.__setattr__(rewritten, "_surgeon_original", owner)  # not registered: no duplicate state_dict keys
     return rewritten
 
 

@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from surgeon.layers.activation_ops import module_op
+from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
@@ -42,7 +43,7 @@ class ModelTracer(torch.fx.Tracer):
         self.leaf_types = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or isinstance(m, (QuantizedActivation, QuadraticDepthwiseConv2d)):
+        if type(m) in self.leaf_types or isinstance(m, (QuantizedActivation, QuadraticDepthwiseConv2d, QuadraConvDW)):
             return True
         if module_op(m) is not None:
             return True

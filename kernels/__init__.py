@@ -1,0 +1,1 @@
+"""CUDA kernel sources (data), shipped inside the package as surgeon.kernels."""

@@ -1,0 +1,106 @@
+// Quantize + bit-pack in one kernel for the S2A saved tensors, and the matching unpack.
+// Packing layout (same as surgeon/layers/bitpack.py): byte j holds codes j*P .. j*P+P-1, P = 8/bits,
+// code k of the byte at bit offset k*bits. One thread per output byte.
+#include "common.cuh"
+
+__device__ __forceinline__ unsigned int bucketize(float v, const float* boundaries, int count) {
+    // number of boundaries strictly below v (torch.bucketize, right=False)
+    int lo = 0, hi = count;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (boundaries[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return (unsigned int)lo;
+}
+
+extern "C" __global__ void pack_codes(const unsigned char* codes, unsigned char* out, long long n, int bits) {
+    const int per_byte = 8 / bits;
+    const long long bytes = (n + per_byte - 1) / per_byte;
+    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
+        unsigned int packed = 0;
+        for (int k = 0; k < per_byte; ++k) {
+            const long long i = j * per_byte + k;
+            if (i < n) packed |= ((unsigned int)codes[i] & ((1u << bits) - 1u)) << (k * bits);
+        }
+        out[j] = (unsigned char)packed;
+    }
+}
+
+extern "C" __global__ void unpack_codes(const unsigned char* packed, unsigned char* out, long long n, int bits) {
+    const int per_byte = 8 / bits;
+    SURGEON_GRID_STRIDE_LOOP(i, n) {
+        out[i] = (unsigned char)((packed[i / per_byte] >> ((i % per_byte) * bits)) & ((1u << bits) - 1u));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void mask_pack(const T* x, float low, float high, unsigned char* out, long long n) {
+    const long long bytes = (n + 7) / 8;
+    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
+        unsigned int packed = 0;
+        for (int k = 0; k < 8; ++k) {
+            const long long i = j * 8 + k;
+            if (i < n) {
+                const float v = load_f(x, i);
+                packed |= (unsigned int)(v > low && v < high) << k;
+            }
+        }
+        out[j] = (unsigned char)packed;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void bucketize_pack(const T* x, const float* boundaries, int count, unsigned char* out,
+                                               long long n, int bits) {
+    const int per_byte = 8 / bits;
+    const long long bytes = (n + per_byte - 1) / per_byte;
+    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
+        unsigned int packed = 0;
+        for (int k = 0; k < per_byte; ++k) {
+            const long long i = j * per_byte + k;
+            if (i < n) packed |= bucketize(load_f(x, i), boundaries, count) << (k * bits);
+        }
+        out[j] = (unsigned char)packed;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rows_pack(const T* x, const float* low, const float* step, long long width,
+                                          unsigned char* out, long long n, int bits) {
+    // per-row affine codes: round((x - low[row]) / step[row]) clamped to [0, 2^bits - 1]; low may be null (0)
+    const int per_byte = 8 / bits;
+    const float levels = (float)((1 << bits) - 1);
+    const long long bytes = (n + per_byte - 1) / per_byte;
+    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
+        unsigned int packed = 0;
+        for (int k = 0; k < per_byte; ++k) {
+            const long long i = j * per_byte + k;
+            if (i < n) {
+                const long long row = i / width;
+                const float base = low ? low[row] : 0.0f;
+                float q = rintf((load_f(x, i) - base) / step[row]);
+                q = fminf(fmaxf(q, 0.0f), levels);
+                packed |= ((unsigned int)q) << (k * bits);
+            }
+        }
+        out[j] = (unsigned char)packed;
+    }
+}
+
+#define SURGEON_PACK_ENTRIES(SUFFIX, T)                                                                    \
+    extern "C" __global__ void mask_pack_##SUFFIX(const T* x, float low, float high, unsigned char* out,      \
+                                                  long long n) {                                             \
+        mask_pack<T>(x, low, high, out, n);                                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void bucketize_pack_##SUFFIX(const T* x, const float* boundaries, int count,        \
+                                                       unsigned char* out, long long n, int bits) {         \
+        bucketize_pack<T>(x, boundaries, count, out, n, bits);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void rows_pack_##SUFFIX(const T* x, const float* low, const float* step,            \
+                                                  long long width, unsigned char* out, long long n, int bits) { \
+        rows_pack<T>(x, low, step, width, out, n, bits);                                                     \
+    }
+
+SURGEON_PACK_ENTRIES(f32, float)
+SURGEON_PACK_ENTRIES(f16, __half)
+SURGEON_PACK_ENTRIES(bf16, __nv_bfloat16)

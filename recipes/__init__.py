@@ -1,0 +1,1 @@
+"""Shipped recipes (data), installed inside the package as surgeon.recipes."""

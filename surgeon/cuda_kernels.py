@@ -1,0 +1,134 @@
+"""Loader for the CUDA kernels in ``kernels/``: compiled at run time by NVRTC through CuPy's ``RawModule``.
+
+Used automatically by merged models when a tensor is on a CUDA device and CuPy is installed; otherwise the
+torch route runs (and is the reference). The launch arguments are computed by :func:`quadconv_arguments`,
+which the CPU numerics tests share, so what is tested is what a GPU launch passes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.resources import data_dir
+
+KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
+MAX_RANK = 8
+MAX_SPAN = 31
+BLOCK = 256
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def kernel_source(name: str) -> str:
+    """A kernel file with ``common.cuh`` inlined (NVRTC then needs no include path for it)."""
+    folder = data_dir("kernels")
+    text = folder.joinpath(name).read_text(encoding="utf-8")
+    common = folder.joinpath("common.cuh").read_text(encoding="utf-8").replace("#pragma once", "")
+    return re.sub(r'#include "common\.cuh"', lambda _: common, text)
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding ``cuda_fp16.h``: $CUDA_PATH, the toolkit beside nvcc, torch's nvidia wheels."""
+    candidates = []
+    for variable in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(variable):
+            candidates.append(Path(os.environ[variable]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for entry in sys.path:
+        nvidia = Path(entry) / "nvidia"
+        if nvidia.is_dir():
+            candidates.extend(sorted(nvidia.glob("cu*/include")))
+            candidates.append(nvidia / "cuda_runtime" / "include")
+    return [str(c) for c in candidates if (c / "cuda_fp16.h").is_file()]
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    return ("-std=c++17", *(f"-I{d}" for d in cuda_include_dirs()))
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """CuPy importable and a CUDA device visible."""
+    if os.environ.get("SURGEON_DISABLE_CUDA_KERNELS"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@cache
+def _module(name: str) -> Any:
+    import cupy
+
+    return cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
+
+
+@dataclass(frozen=True)
+class QuadconvLaunch:
+    kernel: str
+    grid: int
+    block: int
+    ints: tuple[int, ...]
+    output_shape: tuple[int, int, int, int]
+    channels_last: bool
+
+
+def quadconv_arguments(layer: Any, x: torch.Tensor, channels_last: bool | None = None) -> QuadconvLaunch | None:
+    """Kernel name and integer arguments for a :class:`QuadraConvDW` on input ``x`` (None: unsupported)."""
+    if x.dtype not in _DTYPE_SUFFIX or layer.rank > MAX_RANK or max(layer.span) > MAX_SPAN:
+        return None
+    if channels_last is None:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    n, c, h, w = x.shape
+    left, right, top, bottom = layer.pads(x)
+    sh, sw = layer.span
+    ho = (h + top + bottom - sh) // layer.stride[0] + 1
+    wo = (w + left + right - sw) // layer.stride[1] + 1
+    total = n * c * ho * wo
+    grid = max(1, min((total + BLOCK - 1) // BLOCK, 65535 * 8))
+    kh, kw = layer.kernel_size
+    dh, dw = layer.dilation
+    ints = (n, c, h, w, ho, wo, kh, kw, dh, dw, sh, sw, layer.stride[0], layer.stride[1], top, left, layer.rank,
+            int(layer.P.conv3.bias is not None))
+    name = f"quadconv_fwd_{_DTYPE_SUFFIX[x.dtype]}_{'nhwc' if channels_last else 'nchw'}"
+    return QuadconvLaunch(name, grid, BLOCK, ints, (n, c, ho, wo), channels_last)
+
+
+def output_tensor(launch: QuadconvLaunch, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if launch.channels_last else torch.contiguous_format
+    return torch.empty(launch.output_shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def quadratic_dwconv(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Fused forward on the GPU; falls back to the torch route for unsupported shapes."""
+    import cupy
+    import numpy as np
+
+    launch = quadconv_arguments(layer, x)
+    if launch is None:
+        return layer.forward_dense(x)
+    fmt = torch.channels_last if launch.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    weights = [t.detach().to(x.dtype).contiguous() for t in (layer.P.conv3.weight, layer.P.conv1.weight,
+                                                             layer.P.conv2.weight)]
+    bias = layer.P.conv3.bias
+    bias = bias.detach().to(x.dtype).contiguous() if bias is not None else weights[0]
+    y = output_tensor(launch, x)
+    # a channels-last tensor's storage is NHWC; hand CuPy flat views of the raw storage
+    flat = [cupy.from_dlpack(t.view(-1) if t.is_contiguous() else t.permute(0, 2, 3, 1).reshape(-1))
+            for t in (x, weights[0], bias, weights[1], weights[2])]
+    out = cupy.from_dlpack(y.view(-1) if y.is_contiguous() else y.permute(0, 2, 3, 1).view(-1))
+    function = _module("quadratic_dwconv.cu").get_function(launch.kernel)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
+        function((launch.grid,), (launch.block,), (*flat, out, *(np.int32(v) for v in launch.ints)))
+    return y

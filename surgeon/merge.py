@@ -1,0 +1,246 @@
+"""Merge: fold trained adapters into the inference format and revert everything that only mattered for training.
+
+* each :class:`QuadraticDepthwiseConv2d` becomes a dense :class:`QuadraConvDW` (QuadraLib layout);
+* each :class:`QuantizedActivation` gives back the original module, each rewritten owner its original module;
+* optionally (``fold_bn``) a BatchNorm that only consumes a quadratic layer's output is folded into it.
+
+The result is the original model class with quadratic layers in place. A merged checkpoint records each layer's
+geometry, so ``load`` rebuilds it from the base architecture without tracing anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.checkpoint import fit_state_dict, read_state_dict
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.layers.quadra_conv_dw import QuadraConvDW
+from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.layers.quantized_activation import QuantizedActivation
+from surgeon.rewrite import original_of, set_submodule
+
+FORMAT_MERGED = "merged"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MergeInfo:
+    """Attached to merged models as ``surgeon_merge``: what a merged checkpoint must record."""
+
+    base: dict[str, Any]
+    recipe: dict[str, Any]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> geometry (+ aliases)
+    folded: dict[str, str] = field(default_factory=dict)  # BN path -> kind
+    verification: dict[str, float] = field(default_factory=dict)
+    dtype: str = "fp32"
+
+
+class FoldedNormAct(nn.Module):
+    """What is left of timm's ``BatchNormAct2d`` once its normalisation is folded away: dropout + activation."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            layer = name.rpartition(".")[0] or name
+            raise SurgeonError(f"refusing to merge: layer '{layer}' has NaN/Inf in '{name}'")
+
+
+def _revert(module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
+    """Reverted module, once per object (shared modules stay shared); memo keeps originals alive so ids stay
+    unique."""
+    if id(module) in memo:
+        return memo[id(module)][1]
+    original = original_of(module)
+    result = original if original is not None else module
+    if isinstance(result, QuantizedActivation):
+        result = result.original
+    elif isinstance(result, QuadraticDepthwiseConv2d):
+        result = QuadraConvDW.from_adapter(result)
+    memo[id(module)] = (module, result)
+    for name, child in list(result.named_children()):
+        new = _revert(child, memo)
+        if new is not child:
+            setattr(result, name, new)
+    return result
+
+
+def _batchnorm_kind(module: nn.Module) -> str | None:
+    if type(module) is nn.BatchNorm2d:
+        return "batchnorm"
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover
+        return None
+    if type(module) is BatchNormAct2d:
+        return "batchnorm_act"
+    return None
+
+
+def _fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(quadratic path, BN path) where the BN's only input is the quadratic layer's only use."""
+    from surgeon.tracing import trace_model
+
+    try:
+        graph = trace_model(model)
+    except Exception:
+        return []
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] = uses.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), QuadraConvDW):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args[0] is not node:
+            continue
+        bn_path = users[0].target
+        if _batchnorm_kind(model.get_submodule(bn_path)) and uses.get(bn_path) == 1 and uses.get(node.target) == 1:
+            pairs.append((node.target, bn_path))
+    return pairs
+
+
+def fold_batchnorm(layer: QuadraConvDW, bn: nn.Module) -> None:
+    """``s*(conv3 x + b + sum a*b) + t`` = ``conv3'(x) + b' + sum (s a) * b`` with ``s = γ/σ``, ``t = β - μ s``."""
+    with torch.no_grad():
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        conv3 = layer.P.conv3
+        bias = conv3.bias if conv3.bias is not None else torch.zeros_like(shift)
+        conv3.weight.mul_(scale.view(-1, 1, 1, 1))
+        new_bias = bias * scale + shift
+        if conv3.bias is None:
+            conv3.bias = nn.Parameter(new_bias, requires_grad=False)
+        else:
+            conv3.bias.copy_(new_bias)
+        layer.P.conv1.weight.mul_(scale.repeat_interleave(layer.rank).view(-1, 1, 1, 1))
+
+
+def _apply_folds(model: nn.Module, folded: dict[str, str]) -> None:
+    for bn_path, kind in folded.items():
+        bn = model.get_submodule(bn_path)
+        set_submodule(model, bn_path, nn.Identity() if kind == "batchnorm" else FoldedNormAct(bn.drop, bn.act))
+
+
+def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
+          example_input: torch.Tensor | None = None) -> nn.Module:
+    """Merged copy of a converted (and usually trained) model; the input model is not changed."""
+    from surgeon.api import default_input
+
+    info = getattr(model, "surgeon_info", None)
+    if info is None:
+        raise SurgeonError("merge needs a model produced by surgeon.convert / surgeon.load")
+    if dtype not in DTYPES:
+        raise SurgeonError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    _check_finite(model)
+    merged = _revert(copy.deepcopy(model), {})
+    merged.eval()
+    layers: dict[str, dict[str, Any]] = {}
+    for path, module in merged.named_modules(remove_duplicate=False):
+        if isinstance(module, QuadraConvDW):
+            entry = layers.setdefault(str(id(module)), {"path": path, "aliases": [], **module.geometry()})
+            entry["aliases"].append(path)
+    folded: dict[str, str] = {}
+    if fold_bn:
+        for conv_path, bn_path in _fold_pairs(merged):
+            bn = merged.get_submodule(bn_path)
+            fold_batchnorm(merged.get_submodule(conv_path), bn)
+            folded[bn_path] = _batchnorm_kind(bn) or "batchnorm"
+            layers_by_path = {entry["path"]: entry for entry in layers.values()}
+            layers_by_path[conv_path]["bias"] = True
+        _apply_folds(merged, folded)
+    example = example_input if example_input is not None else default_input(model, batch=2)
+    reference_mode = model.training
+    model.eval()
+    with torch.no_grad():
+        want = model(example)
+        got = merged(example)
+    model.train(reference_mode)
+    diff = (want.float() - got.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    verification = {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / scale if scale else diff}
+    if dtype != "fp32":
+        merged = merged.to(DTYPES[dtype])
+    merged.requires_grad_(False)
+    merged.surgeon_merge = MergeInfo(base=dict(info.base), recipe=info.recipe.to_dict(),
+                                     layers={e["path"]: e for e in layers.values()}, folded=folded,
+                                     verification=verification, dtype=dtype)
+    return merged
+
+
+def save_merged(model: nn.Module, directory: str | Path, force: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    from surgeon import __version__
+    from surgeon.artifacts import timm_config, write_artifact
+
+    info: MergeInfo | None = getattr(model, "surgeon_merge", None)
+    if info is None:
+        raise SurgeonError("not a merged model (use surgeon.merge first)")
+    config = timm_config(model, info.base.get("architecture"), info.base.get("model_args") or {})
+    config["surgeon"] = {
+        "format": FORMAT_MERGED, "version": __version__, "recipe": info.recipe,
+        "base_model": info.base.get("source"), "base_class": info.base.get("class"), "dtype": info.dtype,
+        "layers": list(info.layers.values()), "folded_batchnorm": info.folded,
+        "merge_verification": info.verification,
+    }
+    return write_artifact(model, directory, config, force=force, extra_files=extra_files)
+
+
+def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: nn.Module | None) -> nn.Module:
+    from surgeon.artifacts import build_base, restore_aliases
+
+    section = config["surgeon"]
+    base = model if model is not None else build_base(config, directory)
+    base.eval()
+    for entry in section.get("layers", []):
+        try:
+            layer = QuadraConvDW.from_geometry(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{directory / 'config.json'}: bad layer entry for {entry.get('path')!r}") from exc
+        for alias in entry.get("aliases") or [entry["path"]]:
+            try:
+                base.get_submodule(alias)
+            except AttributeError as exc:
+                raise CheckpointError(f"{directory}: layer path {alias!r} does not exist in "
+                                      f"{type(base).__name__}") from exc
+            set_submodule(base, alias, layer)
+    folded = section.get("folded_batchnorm") or {}
+    for bn_path in folded:
+        base.get_submodule(bn_path)
+    _apply_folds(base, folded)
+    dtype = DTYPES.get(section.get("dtype", "fp32"), torch.float32)
+    base = base.to(dtype)
+    state = restore_aliases(base, read_state_dict(weights))
+    fit_state_dict(base, state, str(weights), strict=True)
+    for module in base.modules():
+        if isinstance(module, QuadraConvDW):
+            module.check_patterns()
+    base.requires_grad_(False)
+    base.surgeon_merge = MergeInfo(base={"architecture": config.get("architecture"),
+                                         "source": section.get("base_model"), "class": section.get("base_class"),
+                                         "model_args": config.get("model_args") or {}},
+                                   recipe=section.get("recipe") or {}, layers={e["path"]: e for e in
+                                                                               section.get("layers", [])},
+                                   folded=dict(folded), verification=section.get("merge_verification") or {},
+                                   dtype=section.get("dtype", "fp32"))
+    return base.eval()

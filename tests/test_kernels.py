@@ -1,0 +1,208 @@
+"""CUDA kernels without a GPU: they compile (nvcc for sm_80/sm_90, NVRTC as CuPy runs them), and the same
+sources built for the CPU with g++ and ``kernels/cpu_emulation.h`` match the torch reference."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from surgeon import cuda_kernels
+from surgeon.layers import bitpack
+from surgeon.layers.derivative_codebook import codebook, encode
+from surgeon.layers.quadra_conv_dw import QuadraConvDW
+from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.layers.row_quantizer import quantize_rows
+from surgeon.resources import data_dir
+
+KERNELS = Path(str(data_dir("kernels")))
+HARNESS = Path(__file__).parent / "kernel_harness" / "harness.cpp"
+
+
+def nvcc() -> str:
+    found = shutil.which("nvcc")
+    assert found, "nvcc (CUDA toolkit) must be on PATH to check the kernels compile"
+    return found
+
+
+@pytest.mark.parametrize("source", cuda_kernels.KERNEL_FILES)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvcc_compiles(source, arch, tmp_path):
+    result = subprocess.run([nvcc(), f"-arch={arch}", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                             str(KERNELS / source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "k.cubin").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("source", cuda_kernels.KERNEL_FILES)
+def test_nvrtc_compiles_what_the_loader_loads(source):
+    from cupy.cuda import nvrtc
+
+    code = cuda_kernels.kernel_source(source)
+    options = cuda_kernels.nvrtc_options()
+    assert any(o.startswith("-I") for o in options), "no CUDA include directory with cuda_fp16.h found"
+    program = nvrtc.createProgram(code, source, [], [])
+    try:
+        nvrtc.compileProgram(program, [*options, "-arch=sm_90"])
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    assert len(cubin) > 1000
+    program = nvrtc.createProgram(code, source, [], [])
+    try:
+        nvrtc.compileProgram(program, [*options, "-arch=compute_80"])
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    entries = ["quadconv_fwd_f32_nhwc", "quadconv_fwd_bf16_nchw"] if "quadratic" in source else \
+        ["pack_codes", "bucketize_pack_f16", "rows_pack_bf16", "mask_pack_f32"]
+    text = ptx.decode() if isinstance(ptx, bytes) else ptx
+    for entry in entries:
+        assert f".entry {entry}" in text
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> ctypes.CDLL:
+    library = tmp_path_factory.mktemp("harness") / "harness.so"
+    result = subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{KERNELS}", "-o", str(library),
+                             str(HARNESS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return ctypes.CDLL(str(library))
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def run_quadconv(harness: ctypes.CDLL, layer: QuadraConvDW, x: torch.Tensor, channels_last: bool,
+                 grid: int | None = None) -> torch.Tensor:
+    launch = cuda_kernels.quadconv_arguments(layer, x, channels_last=channels_last)
+    assert launch is not None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    w3, w1, w2 = (t.detach().to(x.dtype).contiguous() for t in (layer.P.conv3.weight, layer.P.conv1.weight,
+                                                                 layer.P.conv2.weight))
+    bias = layer.P.conv3.bias.detach().to(x.dtype).contiguous() if layer.P.conv3.bias is not None else w3
+    y = cuda_kernels.output_tensor(launch, x)
+    getattr(harness, f"launch_{launch.kernel}")(
+        ctypes.c_uint(grid or min(launch.grid, 64)), ctypes.c_uint(launch.block), ptr(x), ptr(w3), ptr(bias),
+        ptr(w1), ptr(w2), ptr(y), *(ctypes.c_int(v) for v in launch.ints))
+    return y
+
+
+def merged_layer(kernel, stride, padding, dilation, rank, same, channels=5, bias=True) -> QuadraConvDW:
+    if same:
+        from timm.layers.conv2d_same import Conv2dSame
+
+        conv = Conv2dSame(channels, channels, kernel, stride, dilation=dilation, groups=channels, bias=bias)
+    else:
+        conv = nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels, bias=bias)
+    adapter = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, rank=rank)
+    nn.init.normal_(adapter.weight_a, 0, 0.3)
+    return QuadraConvDW.from_adapter(adapter)
+
+
+SWEEP = [
+    # kernel, stride, padding, dilation, rank, same, (H, W)
+    (3, 1, 1, 1, 1, False, (9, 11)),
+    (3, 2, 1, 1, 2, False, (10, 7)),
+    (5, 1, 2, 1, 1, False, (8, 8)),
+    (5, 2, 0, 1, 3, True, (11, 13)),
+    (7, 1, 3, 1, 1, False, (14, 9)),
+    (7, 2, 3, 1, 2, False, (15, 15)),
+    (4, 1, 0, 1, 1, True, (9, 10)),
+    (2, 2, 0, 1, 1, False, (7, 9)),
+    (3, 1, 2, 2, 1, False, (12, 7)),
+    (9, 1, 4, 1, 8, False, (10, 12)),
+    (31, 1, 15, 1, 1, False, (17, 19)),
+    (6, 2, 1, 1, 2, False, (13, 12)),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,rank,same,size", SWEEP)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quadconv_matches_torch_fp32(harness, kernel, stride, padding, dilation, rank, same, size, channels_last):
+    torch.manual_seed(kernel * 100 + stride)
+    layer = merged_layer(kernel, stride, padding, dilation, rank, same, bias=kernel != 2)
+    x = torch.randn(2, 5, *size)
+    got = run_quadconv(harness, layer, x, channels_last)
+    with torch.no_grad():
+        want = layer.double().forward_dense(x.double())
+    layer.float()
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    scale = max(1.0, want.abs().max().item())
+    assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quadconv_half_precisions(harness, dtype, tolerance, channels_last):
+    torch.manual_seed(0)
+    layer = merged_layer(5, 2, 2, 1, 2, False)
+    x = torch.randn(2, 5, 11, 9).to(dtype)
+    got = run_quadconv(harness, layer.to(dtype), x, channels_last)
+    assert got.dtype == dtype
+    with torch.no_grad():
+        want = layer.double().forward_dense(x.double())  # same rounded inputs, exact arithmetic
+    scale = max(1.0, want.abs().max().item())
+    assert (got.double() - want).abs().max().item() <= tolerance * scale
+
+
+def test_grid_size_does_not_matter(harness):
+    torch.manual_seed(1)
+    layer = merged_layer(3, 1, 1, 1, 2, False)
+    x = torch.randn(1, 5, 9, 9)
+    results = [run_quadconv(harness, layer, x, False, grid=g) for g in (1, 3, 1000)]
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_unpack_kernels(harness, bits):
+    n = 1003
+    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8)
+    packed = torch.zeros(bitpack.packed_numel(n, bits), dtype=torch.uint8)
+    harness.launch_pack_codes(ctypes.c_uint(4), ctypes.c_uint(32), ptr(codes), ptr(packed), ctypes.c_longlong(n),
+                              ctypes.c_int(bits))
+    assert torch.equal(packed, bitpack.pack(codes, bits))
+    out = torch.zeros(n, dtype=torch.uint8)
+    harness.launch_unpack_codes(ctypes.c_uint(4), ctypes.c_uint(32), ptr(packed), ptr(out), ctypes.c_longlong(n),
+                                ctypes.c_int(bits))
+    assert torch.equal(out, codes)
+
+
+def test_mask_pack_kernel(harness):
+    x = torch.randn(777) * 5
+    x[:3] = torch.tensor([0.0, 6.0, 3.0])
+    out = torch.zeros(bitpack.packed_numel(777, 1), dtype=torch.uint8)
+    harness.launch_mask_pack_f32(ctypes.c_uint(2), ctypes.c_uint(64), ptr(x), ctypes.c_float(0.0),
+                                 ctypes.c_float(6.0), ptr(out), ctypes.c_longlong(777))
+    assert torch.equal(out, bitpack.pack((x > 0) & (x < 6), 1))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bucketize_pack_kernel(harness, bits):
+    x = torch.randn(999) * 3
+    book = codebook("gelu", bits)
+    x[:3] = book.boundaries[:3]  # ties go to the lower interval, as torch.bucketize does
+    out = torch.zeros(bitpack.packed_numel(999, bits), dtype=torch.uint8)
+    harness.launch_bucketize_pack_f32(ctypes.c_uint(3), ctypes.c_uint(64), ptr(x), ptr(book.boundaries),
+                                      ctypes.c_int(book.boundaries.numel()), ptr(out), ctypes.c_longlong(999),
+                                      ctypes.c_int(bits))
+    assert torch.equal(out, bitpack.pack(encode(x, book), bits))
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_rows_pack_kernel(harness, nonnegative):
+    rows = torch.rand(37, 50) if nonnegative else torch.randn(37, 50)
+    q = quantize_rows(rows, 4, nonnegative=nonnegative)
+    out = torch.zeros_like(q.packed)
+    low = ctypes.c_void_p(None) if nonnegative else ptr(q.offset)
+    harness.launch_rows_pack_f32(ctypes.c_uint(5), ctypes.c_uint(64), ptr(rows), low, ptr(q.step),
+                                 ctypes.c_longlong(50), ptr(out), ctypes.c_longlong(rows.numel()), ctypes.c_int(4))
+    assert torch.equal(out, q.packed)
