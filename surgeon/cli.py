@@ -135,12 +135,14 @@ def convert(model: ModelArg,
         "schema": "surgeon.convert/1", "model": model, "recipe": info.recipe.name, "out": None if dry_run else
         str(out), "dry_run": dry_run, "swapped": len(swapped), "unreachable": [s.to_dict() for s in unreachable],
         "swapped_by_op": {op: sum(1 for s in swapped if s.op == op) for op in sorted({s.op for s in swapped})},
+        "swapped_by_target": {t: sum(1 for s in swapped if s.target == t) for t in sorted({s.target for s in swapped})},
         "trainable_parameters": trainable, "verification": check,
     }
     if json_output:
         print(json.dumps(report, indent=2))
         return
     ops = ", ".join(f"{n} {op}" for op, n in report["swapped_by_op"].items())
+    ops = f"{ops}; by target: " + ", ".join(f"{n} {t}" for t, n in report["swapped_by_target"].items())
     stdout.print(f"converted {model} with '{info.recipe.name}': {len(swapped)} sites swapped ({ops}); "
                  f"{trainable:,} trainable parameters", markup=False)
     for site in unreachable:

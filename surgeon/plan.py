@@ -54,6 +54,7 @@ class Plan:
             "sites": len(self.sites),
             "actions": dict(Counter(s.action for s in self.sites)),
             "swapped_by_op": dict(Counter(s.op for s in swapped)),
+            "swapped_by_target": dict(Counter(s.target for s in swapped)),
             "added_params": sum(s.added_params for s in swapped),
             "added_macs": sum(s.added_macs for s in swapped),
             "saved_bytes_before": sum(s.saved_bytes_before for s in swapped),
@@ -77,9 +78,10 @@ class Plan:
     def table(self) -> Table:
         shape_note = f" (estimates for input {tuple(self.input_shape)})" if self.input_shape else ""
         table = Table(title=f"surgeon plan: {self.model} with recipe '{self.recipe.name}'{shape_note}")
-        for column in ("site", "access", "op", "shape", "action", "+params", "+MFLOPs", "saved before→after",
-                       "note"):
-            table.add_column(column, overflow="fold")
+        table.add_column("site", no_wrap=True)
+        for column in ("target", "access", "op", "shape", "action", "+params", "+MFLOPs", "saved before→after"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("note", overflow="fold")
         for s in self.sites:
             shape = "×".join(str(d) for d in s.input_shape[1:]) if s.input_shape else "?"
             saved = f"{human_bytes(s.saved_bytes_before)}→{human_bytes(s.saved_bytes_after)}" if s.action == "swap" \
@@ -87,7 +89,7 @@ class Plan:
             note = s.reason or (f"shared by {len(s.aliases)} paths" if len(s.aliases) > 1 and s.owner is None else "")
             if s.calls > 1 and s.owner is None:
                 note = f"{note}; called {s.calls}×".lstrip("; ")
-            table.add_row(s.path or "<root>", s.access, s.op, shape, s.action,
+            table.add_row(s.path or "<root>", s.target, s.access, s.op, shape, s.action,
                           str(s.added_params) if s.added_params else "",
                           f"{2 * s.added_macs / 1e6:.2f}" if s.added_macs else "", saved, note)
         return table

@@ -23,7 +23,8 @@ from surgeon.layers.bitpack import SUPPORTED_BITS
 from surgeon.resources import data_dir
 
 RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
-TARGET_LAYERS = {"depthwise_conv": ("quadratic",), "activation": ("quantized",)}
+TARGET_LAYERS = {"depthwise_conv": ("quadratic",), "activation": ("quantized",), "conv": ("input_free",),
+                 "norm": ("frozen",)}
 
 
 def _is_int(value: Any) -> bool:
@@ -74,6 +75,10 @@ def _ops(value: Any) -> str | None:
     return f"unknown op(s) {unknown}; known: {list(RECIPE_OPS)}" if unknown else None
 
 
+def _saved_bits(value: Any) -> str | None:
+    return None if _is_int(value) and value in (8, 32) else "expected 8 or 32"
+
+
 def _group_size(value: Any) -> str | None:
     return None if _is_int(value) and value >= 8 else "expected an integer >= 8"
 
@@ -96,6 +101,13 @@ _LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
         "train_bias": (False, _bool),
         "keep_branches": (False, _bool),
         "min_kernel": (2, _positive_int),
+        "saved_input_bits": (32, _saved_bits),
+    },
+    ("conv", "input_free"): {},
+    ("norm", "frozen"): {
+        "batchnorm": (True, _bool),
+        "layernorm": (True, _bool),
+        "layernorm_bits": (8, _bits),
     },
     ("activation", "quantized"): {
         "ops": (list(RECIPE_OPS), _ops),

@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF
+from surgeon.layers.memory_variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
@@ -55,14 +56,25 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module:
-    if site.target == "depthwise_conv":
+    if rule.target == "conv":
+        variant = make_variant(original, InputFreeConv)
+        variant._surgeon_same_dynamic = site.op == "conv2d_same"
+        return variant
+    if rule.target == "norm":
+        if site.op.startswith("batchnorm"):
+            return make_variant(original, FrozenBatchNorm)
+        variant = make_variant(original, QuantizedLayerNorm)
+        variant._surgeon_channel_dim = 1 if site.op == "layernorm2d" else -1
+        variant._surgeon_bits = rule.option("layernorm_bits")
+        return variant
+    if rule.target == "depthwise_conv":
         branch_a, branch_b = quadratic_branches(rule, original)  # type: ignore[arg-type]
         return QuadraticDepthwiseConv2d.from_conv(
             original,  # type: ignore[arg-type]
             same_dynamic=CONV2D_SAME is not None and type(original) is CONV2D_SAME,
             rank=rule.option("rank"), branch_a=branch_a, branch_b=branch_b,
             keep_branches=rule.option("keep_branches"), b_init_std=rule.option("b_init_std"),
-            train_bias=rule.option("train_bias"))
+            train_bias=rule.option("train_bias"), saved_input_bits=rule.option("saved_input_bits"))
     assert site.spec is not None
     bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
     return QuantizedActivation(original, site.spec, bits=bits, group_size=rule.option("group_size"))

@@ -34,6 +34,8 @@ from surgeon.layers.activation_ops import (
     spec_from_call,
     spec_from_module,
 )
+from surgeon.layers.memory_variants import is_variant, layer_norm_channel_dim
+from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import AtrousKernel, QuadraticDepthwiseConv2d, conv_span, default_branches
 from surgeon.layers.quantized_activation import QuantizedActivation
 from surgeon.recipe import Recipe, Rule, match_pattern
@@ -106,6 +108,46 @@ def is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+def _batchnorm_act_type() -> type | None:
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover
+        return None
+    return BatchNormAct2d
+
+
+BATCHNORM_ACT = _batchnorm_act_type()
+
+
+def norm_op(module: nn.Module) -> str | None:
+    """Norm layers with a memory variant: exact BatchNorm2d / timm BatchNormAct2d / LayerNorm(2d)."""
+    if type(module) is nn.BatchNorm2d:
+        return "batchnorm"
+    if BATCHNORM_ACT is not None and type(module) is BATCHNORM_ACT:
+        return "batchnorm_act"
+    dim = layer_norm_channel_dim(module)
+    if dim is not None:
+        return "layernorm2d" if dim == 1 else "layernorm"
+    return None
+
+
+def site_target(module: nn.Module) -> str | None:
+    if is_depthwise(module):
+        return "depthwise_conv"
+    if module_op(module):
+        return "activation"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if norm_op(module):
+        return "norm"
+    return None
+
+
+def rule_targets(rule: Rule, site: Site) -> bool:
+    """A ``conv`` rule also covers depthwise convs that no quadratic rule took."""
+    return rule.target == site.target or (rule.target == "conv" and site.target == "depthwise_conv")
+
+
 # ------------------------------------------------------------------------------------------- branches
 def quadratic_branches(rule: Rule, conv: nn.Conv2d) -> tuple[AtrousKernel, AtrousKernel]:
     """The atrous kernels a rule asks for at one conv; a span beyond the kernel's is a RecipeError."""
@@ -141,7 +183,19 @@ def _estimate_quadratic(site: Site, rule: Rule, conv: nn.Conv2d) -> None:
     site.added_macs = out * rank * (taps + 1)
     element = conv.weight.element_size()
     site.saved_bytes_before = _numel(site.input_shape) * element
-    site.saved_bytes_after = site.saved_bytes_before + (2 * rank * out * element if rule.option("keep_branches") else 0)
+    kept_input = site.saved_bytes_before if rule.option("saved_input_bits") == 32 else _numel(site.input_shape)
+    site.saved_bytes_after = kept_input + (2 * rank * out * element if rule.option("keep_branches") else 0)
+
+
+def _estimate_frozen(site: Site, rule: Rule) -> None:
+    numel = _numel(site.input_shape)
+    site.saved_bytes_before = numel * 4
+    if site.op.startswith("layernorm"):
+        width = site.input_shape[1 if site.op == "layernorm2d" else -1] if site.input_shape else 1
+        rows = numel // max(width, 1)
+        site.saved_bytes_after = math.ceil(numel * rule.option("layernorm_bits") / 8) + 12 * rows
+    else:
+        site.saved_bytes_after = 0
 
 
 def _estimate_activation(site: Site, rule: Rule) -> None:
@@ -238,16 +292,17 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
     sites: list[Site] = []
     seen: set[int] = set()
     for path, module in model.named_modules():
-        if id(module) in seen or isinstance(module, (QuadraticDepthwiseConv2d, QuantizedActivation)):
+        if id(module) in seen or isinstance(module, (QuadraticDepthwiseConv2d, QuantizedActivation, QuadraConvDW)):
             continue
         seen.add(id(module))
-        target = "depthwise_conv" if is_depthwise(module) else "activation" if module_op(module) else None
+        target = None if is_variant(module) else site_target(module)
         if target is None or _inside_surgeon_layer(path, modules_by_path):
             continue
         aliases = paths[id(module)]
         access = "call_module" if any(a in call_module_targets for a in aliases) else "module_tree"
         record = census.record(module)
-        site = Site(path=path, target=target, op="conv2d" if target == "depthwise_conv" else module_op(module) or "",
+        op = {"depthwise_conv": "conv2d", "conv": "conv2d", "norm": norm_op(module)}.get(target) or module_op(module)
+        site = Site(path=path, target=target, op=op or "",
                     access=access, module_type=type(module).__name__, aliases=aliases,
                     calls=record.calls if record else 0,
                     input_shape=record.input_shape if record else None,
@@ -289,7 +344,7 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
 def _inside_surgeon_layer(path: str, modules_by_path: dict[str, nn.Module]) -> bool:
     parts = path.split(".")
     for i in range(1, len(parts)):
-        if isinstance(modules_by_path.get(".".join(parts[:i])), QuantizedActivation):
+        if isinstance(modules_by_path.get(".".join(parts[:i])), (QuantizedActivation, QuadraConvDW)):
             return True
     return False
 
@@ -345,29 +400,43 @@ def decide(analysis: Analysis, model: nn.Module, recipe: Recipe) -> None:
                 raise RecipeError(f"recipe field 'rules[{index}].include': pattern {pattern!r} matches no "
                                   f"{rule.target} site")
     for site in analysis.sites:
+        skipped = ""
         for index, rule in enumerate(recipe.rules):
-            if rule.target != site.target:
-                continue
-            if site.target == "activation" and site.spec is not None and \
-                    site.spec.recipe_op not in rule.option("ops"):
-                continue
-            if site.target == "activation" and site.op == "scaled_dot_product_attention" and \
-                    not rule.option("attention"):
+            if not rule_targets(rule, site) or not _rule_accepts(rule, site):
                 continue
             if not (rule.selects(site.path) or _alias_selected(rule, site)):
-                if site.action == "keep":
-                    site.action, site.reason, site.rule = "skip", f"excluded by rules[{index}] patterns", index
+                skipped = skipped or f"excluded by rules[{index}] patterns"
                 continue
+            if rule.target == "depthwise_conv":
+                conv = modules_by_path[site.path]
+                if max(conv.kernel_size) < rule.option("min_kernel"):
+                    skipped = f"kernel {tuple(conv.kernel_size)} is below min_kernel={rule.option('min_kernel')}"
+                    continue
             site.rule = index
             if site.blocker:
                 site.action, site.reason = "unreachable", site.blocker
                 break
             site.action, site.reason = "swap", ""
-            if site.target == "depthwise_conv":
+            if rule.target in ("depthwise_conv", "conv"):
                 _decide_conv(site, rule, modules_by_path[site.path])
+            elif rule.target == "norm":
+                _estimate_frozen(site, rule)
             else:
                 _estimate_activation(site, rule)
             break
+        if site.rule is None and skipped:
+            site.action, site.reason = "skip", skipped
+
+
+def _rule_accepts(rule: Rule, site: Site) -> bool:
+    """Op-level filters of a rule (activation ops, attention, which norms)."""
+    if rule.target == "activation":
+        if site.spec is not None and site.spec.recipe_op not in rule.option("ops"):
+            return False
+        return not (site.op == "scaled_dot_product_attention" and not rule.option("attention"))
+    if rule.target == "norm":
+        return rule.option("batchnorm") if site.op.startswith("batchnorm") else rule.option("layernorm")
+    return True
 
 
 def _alias_selected(rule: Rule, site: Site) -> bool:
@@ -387,8 +456,8 @@ def _decide_conv(site: Site, rule: Rule, conv: nn.Module) -> None:
     if conv.padding_mode != "zeros":
         site.action, site.reason = "unreachable", f"padding_mode {conv.padding_mode!r} is not supported"
         return
-    if max(conv.kernel_size) < rule.option("min_kernel"):
-        site.action = "skip"
-        site.reason = f"kernel {tuple(conv.kernel_size)} is below min_kernel={rule.option('min_kernel')}"
+    if rule.target == "conv":
+        site.saved_bytes_before = _numel(site.input_shape) * conv.weight.element_size()
+        site.saved_bytes_after = 0
         return
     _estimate_quadratic(site, rule, conv)

@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from surgeon.layers.activation_ops import module_op
+from surgeon.layers.memory_variants import is_variant
 from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, quantized_call
@@ -45,7 +46,7 @@ class ModelTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.leaf_types or isinstance(m, (QuantizedActivation, QuadraticDepthwiseConv2d, QuadraConvDW)):
             return True
-        if module_op(m) is not None:
+        if module_op(m) is not None or is_variant(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -23,14 +23,15 @@ def test_plan_json_is_valid():
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["schema"] == "surgeon.plan/1"
-    assert plan["summary"]["swapped_by_op"] == {"conv2d": 17, "relu6": 35}
+    assert plan["summary"]["swapped_by_target"] == {"depthwise_conv": 17, "activation": 35, "conv": 35, "norm": 52}
+    assert plan["summary"]["swapped_by_op"]["relu6"] == 35
     assert {"path", "access", "op", "action", "added_params", "saved_bytes_before"} <= set(plan["sites"][0])
 
 
 def test_plan_table():
     result = invoke("plan", "resnet18", "--recipe", "s2a")
     assert result.exit_code == 0
-    assert "layer1.0.act1" in result.stdout and "17 sites (17 swap)" in result.stdout
+    assert "layer1.0.act1" in result.stdout and "57 sites (57 swap)" in result.stdout
 
 
 def test_convert_writes_and_dry_run_does_not(tmp_path, lite0_weights):
@@ -40,7 +41,8 @@ def test_convert_writes_and_dry_run_does_not(tmp_path, lite0_weights):
     assert json.loads(dry.stdout)["dry_run"] is True and list(tmp_path.iterdir()) == []
     result = invoke("convert", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "49 sites swapped" in result.stdout and "max |Δ logit| = 0" in result.stdout
+    assert "16 depthwise_conv" in result.stdout and "33 relu6" in result.stdout
+    assert "max |Δ logit| = 0" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     again = invoke("convert", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--out", str(out))
     assert again.exit_code == 2 and "already exists" in again.output

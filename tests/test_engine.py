@@ -81,7 +81,11 @@ def test_every_site_is_listed(custom):
     by_path = {s.path: s for s in plan.sites}
     assert by_path["act"].access == "call_module" and by_path["act"].calls == 2
     assert by_path["dw"].action == "swap" and by_path["dw_stride"].action == "swap"
-    assert by_path["dw_1x1"].action == "skip" and "min_kernel" in by_path["dw_1x1"].reason
+    # a 1x1 depthwise conv is not made quadratic; the memory rule for frozen convs takes it instead
+    assert by_path["dw_1x1"].action == "swap" and plan.recipe.rules[by_path["dw_1x1"].rule].target == "conv"
+    only_quadratic = surgeon.plan(custom, "quadranet-v2", example_input=torch.randn(1, 3, 16, 16))
+    dw_1x1 = next(s for s in only_quadratic.sites if s.path == "dw_1x1")
+    assert dw_1x1.action == "skip" and "min_kernel" in dw_1x1.reason
     assert by_path["::gelu#0"].access == "call_function"
     assert by_path["::sigmoid#0"].access == "call_method"
     assert by_path["::relu#0"].access == "call_method"

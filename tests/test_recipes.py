@@ -17,7 +17,7 @@ def test_shipped_recipes():
     for name in shipped:
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.rules
-    assert [r.target for r in load_recipe("quadranet-v2-s2a").rules] == ["depthwise_conv", "activation"]
+    assert [r.target for r in load_recipe("quadranet-v2-s2a").rules] == ["depthwise_conv", "activation", "conv", "norm"]
 
 
 @pytest.mark.parametrize("data,field", [
@@ -27,7 +27,9 @@ def test_shipped_recipes():
     ({"name": "x", "rules": [{"target": "activation", "bits": 3}]}, "rules[0].bits"),
     ({"name": "x", "rules": [{"target": "activation", "ops": ["swish"]}]}, "rules[0].ops"),
     ({"name": "x", "rules": [{"target": "activation", "ops": []}]}, "rules[0].ops"),
-    ({"name": "x", "rules": [{"target": "conv"}]}, "rules[0].target"),
+    ({"name": "x", "rules": [{"target": "convolution"}]}, "rules[0].target"),
+    ({"name": "x", "rules": [{"target": "norm", "layernorm_bits": 16}]}, "rules[0].layernorm_bits"),
+    ({"name": "x", "rules": [{"target": "depthwise_conv", "saved_input_bits": 4}]}, "rules[0].saved_input_bits"),
     ({"name": "x", "rules": [{"target": "activation", "layer": "quadratic"}]}, "rules[0].layer"),
     ({"name": "x", "rules": [{"target": "activation", "include": ["re:("]}]}, "rules[0].include"),
     ({"name": "x", "rules": []}, "rules"),

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
+
 Pair = tuple[int, int]
+SAVED_INPUT_GROUP = 256  # elements per scale when the input is kept at low bit-width
 Pads = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
 
 
@@ -131,13 +134,29 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.calls = (primary_call, call_a, call_b)
         kept = (a, b) if layer.keep_branches else ()
-        ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
+        ctx.compressed = None
+        if layer.saved_input_bits < 32:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            flat = x.detach().permute(0, 2, 3, 1).reshape(-1) if channels_last else x.detach().reshape(-1)
+            quantized = quantize_rows(as_groups(flat, SAVED_INPUT_GROUP), layer.saved_input_bits)
+            ctx.compressed = (channels_last, x.shape, x.dtype, quantized.rows, quantized.width)
+            ctx.save_for_backward(*quantized.tensors(), weight, weight_a, weight_b, *kept)
+        else:
+            ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
         return primary + layer.reduce_rank(a * b)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         layer: QuadraticDepthwiseConv2d = ctx.layer
-        x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
+        if ctx.compressed is not None:
+            packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
+            channels_last, shape, dtype, rows, width = ctx.compressed
+            flat = dequantize_rows(packed, offset, step, rows, width, layer.saved_input_bits, dtype)
+            flat = flat.reshape(-1)[: math.prod(shape)]
+            n, c, h, w = shape
+            x = flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
+        else:
+            x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
         primary_call, call_a, call_b = ctx.calls
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
@@ -174,9 +193,11 @@ class QuadraticDepthwiseConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: Pair, stride: Pair = (1, 1), padding: Any = 0,
                  dilation: Pair = (1, 1), bias: bool = True, rank: int = 1, same_dynamic: bool = False,
                  branch_a: AtrousKernel | None = None, branch_b: AtrousKernel | None = None,
-                 keep_branches: bool = False, b_init_std: float | None = None, train_bias: bool = False) -> None:
+                 keep_branches: bool = False, b_init_std: float | None = None, train_bias: bool = False,
+                 saved_input_bits: int = 32) -> None:
         super().__init__()
         self.train_bias = train_bias
+        self.saved_input_bits = saved_input_bits
         default_a, default_b = default_branches(kernel_size, dilation)
         self.channels, self.kernel_size, self.stride = channels, tuple(kernel_size), tuple(stride)
         self.padding, self.dilation, self.same_dynamic = padding, tuple(dilation), same_dynamic
@@ -244,11 +265,11 @@ class QuadraticDepthwiseConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, same_dynamic: bool = False, rank: int = 1,
                   branch_a: AtrousKernel | None = None, branch_b: AtrousKernel | None = None,
                   keep_branches: bool = False, b_init_std: float | None = None,
-                  train_bias: bool = False) -> QuadraticDepthwiseConv2d:
+                  train_bias: bool = False, saved_input_bits: int = 32) -> QuadraticDepthwiseConv2d:
         layer = cls(conv.in_channels, tuple(conv.kernel_size), tuple(conv.stride), conv.padding,
                     tuple(conv.dilation), bias=conv.bias is not None or train_bias, rank=rank,
                     same_dynamic=same_dynamic, branch_a=branch_a, branch_b=branch_b, keep_branches=keep_branches,
-                    b_init_std=b_init_std, train_bias=train_bias)
+                    b_init_std=b_init_std, train_bias=train_bias, saved_input_bits=saved_input_bits)
         layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
