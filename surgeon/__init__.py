@@ -1,5 +1,6 @@
 """surgeon: convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
 
+from surgeon.adapt import adapt
 from surgeon.api import convert, output_difference, plan, trainable_parameters
 from surgeon.artifacts import load, save
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
@@ -15,6 +16,7 @@ __all__ = [
     "RecipeError",
     "SurgeonError",
     "__version__",
+    "adapt",
     "convert",
     "load",
     "load_model",

@@ -9,6 +9,7 @@ SHA-256 is checked against the config.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,10 @@ def timm_config(model: nn.Module, architecture: str | None, model_args: dict[str
 
 
 def write_artifact(model: nn.Module, directory: str | Path, config: dict[str, Any], force: bool = False,
-                   extra_files: dict[str, str] | None = None) -> Path:
-    """Write weights + config (+ extra text files) atomically; records the weights' SHA-256."""
+                   extra_files: dict[str, str] | None = None,
+                   extra_writer: Callable[[Path], None] | None = None) -> Path:
+    """Write weights + config (+ extra text files, + whatever ``extra_writer`` puts in the staging directory)
+    atomically; records the weights' SHA-256."""
     directory = Path(directory)
     with staged_directory(directory, force=force) as staging:
         weights = staging / WEIGHTS_NAME
@@ -87,10 +90,13 @@ def write_artifact(model: nn.Module, directory: str | Path, config: dict[str, An
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
+        if extra_writer is not None:
+            extra_writer(staging)
     return directory
 
 
-def save(model: nn.Module, directory: str | Path, force: bool = False) -> Path:
+def save(model: nn.Module, directory: str | Path, force: bool = False, extra_files: dict[str, str] | None = None,
+         extra_writer: Callable[[Path], None] | None = None) -> Path:
     """Save a model returned by :func:`surgeon.convert` (possibly trained) as a directory artifact."""
     from surgeon import __version__
 
@@ -108,7 +114,10 @@ def save(model: nn.Module, directory: str | Path, force: bool = False) -> Path:
         "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
         "sites": [s.to_dict() for s in info.sites if s.action != "keep"],
     }
-    return write_artifact(model, directory, config, force=force)
+    metrics = getattr(model, "surgeon_metrics", None)
+    if metrics:
+        config["surgeon"]["metrics"] = metrics
+    return write_artifact(model, directory, config, force=force, extra_files=extra_files, extra_writer=extra_writer)
 
 
 def resolve_directory(location: str | Path, revision: str | None = None, token: str | None = None) -> Path:
@@ -194,6 +203,8 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
         "example_input_shape": shape})
     state = restore_aliases(converted, read_state_dict(weights))
     fit_state_dict(converted, state, str(weights), strict=True)
+    if section.get("metrics"):
+        converted.surgeon_metrics = section["metrics"]
     trainable = set(section.get("trainable") or [])
     if trainable:
         for name, param in converted.named_parameters():

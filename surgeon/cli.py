@@ -154,6 +154,80 @@ def convert(model: ModelArg,
 
 @app.command()
 @friendly_errors
+def adapt(directory: Annotated[str, typer.Argument(help="Converted model: directory or hf-hub:org/name.")],
+          data: Annotated[Path, typer.Option("--data", help="ROOT with train/<class>/ and val/<class>/ images.")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory (rewritten each epoch).")],
+          epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+          batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size per process.")] = 32,
+          lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+          weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.05,
+          clip_grad: Annotated[float, typer.Option("--clip-grad", help="Gradient-norm clip (0: off).")] = 5.0,
+          warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up.")] = 0.0,
+          workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+          seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+          channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT exactly.")] = False,
+          force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
+          json_output: JsonOpt = False) -> None:
+    """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
+    import random
+
+    import torch
+
+    import surgeon
+    from surgeon.adapt import adapt as run_adapt
+    from surgeon.adapt import distributed_setup, evaluate, trainable_digest
+    from surgeon.data import image_folder_data
+
+    rank, world = distributed_setup()
+    torch.manual_seed(seed)  # same on every rank: a reset head starts identical everywhere
+    random.seed(seed)
+
+    def say(line: str) -> None:
+        if rank == 0:
+            stderr.print(line, markup=False, highlight=False) if json_output else \
+                stdout.print(line, markup=False, highlight=False)
+
+    if out.exists() and not (resume or force):
+        raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
+    with progress(f"loading {out if resume else directory}"):
+        model = surgeon.load(str(out) if resume else directory)
+    folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed)
+    if folders.skipped:
+        stderr.print(f"warning: skipped {folders.skipped} unreadable image(s)", markup=False)
+    if head_classes != getattr(model, "num_classes", head_classes):
+        if not hasattr(model, "reset_classifier"):
+            raise fail(f"the data has {head_classes} classes but the model has {model.num_classes} and no "
+                       "reset_classifier(); rebuild its head first")
+        model.reset_classifier(head_classes)
+        model.get_classifier().requires_grad_(True)
+        model.surgeon_info.base.setdefault("model_args", {})["num_classes"] = head_classes
+        say(f"classifier head reset to {head_classes} classes ({', '.join(folders.classes[:5])}"
+            f"{', …' if head_classes > 5 else ''}); the new head is trainable")
+    elif folders.class_map is not None:
+        say("class folders are class indices of the pretrained head: head kept")
+    before = None
+    if folders.val is not None and not resume:
+        before = evaluate(model, folders.val, channels_last)
+        say(f"before adaptation: val top-1 {before[0]:.2f}%, top-5 {before[1]:.2f}%")
+    report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                       clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
+                       seed=seed, out=out, resume=resume, log=say)
+    digest = trainable_digest(model)
+    if world > 1:
+        print(f"rank {rank}: trainable sha256 {digest}", flush=True)
+    final = report.final
+    if json_output and rank == 0:
+        print(json.dumps({"schema": "surgeon.adapt/1", "out": str(out), "epochs": epochs,
+                          "trainable_parameters": report.trainable_parameters, "world_size": world,
+                          "before": {"val_top1": before[0], "val_top5": before[1]} if before else None,
+                          "history": [vars(h) for h in report.history], "trainable_sha256": digest}, indent=2))
+    elif final is not None:
+        say(f"trained {report.trainable_parameters:,} parameters; checkpoint in {out}")
+
+
+@app.command()
+@friendly_errors
 def merge(directory: Annotated[str, typer.Argument(help="Converted (trained) model: directory or hf-hub:org/name.")],
           out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
           fold_bn: Annotated[bool, typer.Option("--fold-bn", help="Fold a BatchNorm that follows a quadratic "

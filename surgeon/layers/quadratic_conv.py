@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
+from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
 
 Pair = tuple[int, int]
-SAVED_INPUT_GROUP = 256  # elements per scale when the input is kept at low bit-width
 Pads = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
 
 
@@ -137,8 +136,11 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         ctx.compressed = None
         if layer.saved_input_bits < 32:
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            flat = x.detach().permute(0, 2, 3, 1).reshape(-1) if channels_last else x.detach().reshape(-1)
-            quantized = quantize_rows(as_groups(flat, SAVED_INPUT_GROUP), layer.saved_input_bits)
+            # one scale per image row (NHWC: W*C values) or per channel plane (NCHW: H*W values): views, no copy
+            n, c, h, w = x.shape
+            rows = x.detach().permute(0, 2, 3, 1).reshape(n * h, w * c) if channels_last else \
+                x.detach().reshape(n * c, h * w)
+            quantized = quantize_rows(rows, layer.saved_input_bits)
             ctx.compressed = (channels_last, x.shape, x.dtype, quantized.rows, quantized.width)
             ctx.save_for_backward(*quantized.tensors(), weight, weight_a, weight_b, *kept)
         else:
@@ -152,7 +154,6 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
             channels_last, shape, dtype, rows, width = ctx.compressed
             flat = dequantize_rows(packed, offset, step, rows, width, layer.saved_input_bits, dtype)
-            flat = flat.reshape(-1)[: math.prod(shape)]
             n, c, h, w = shape
             x = flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
         else:
