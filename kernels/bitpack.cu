@@ -3,14 +3,13 @@
 // code k of the byte at bit offset k*bits. One thread per output byte.
 #include "common.cuh"
 
-__device__ __forceinline__ unsigned int bucketize(float v, const float* boundaries, int count) {
-    // number of boundaries strictly below v (torch.bucketize, right=False)
-    int lo = 0, hi = count;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (boundaries[mid] < v) lo = mid + 1; else hi = mid;
-    }
-    return (unsigned int)lo;
+__device__ __forceinline__ unsigned int codebook_code(float v, float low, float step, const unsigned char* cell_codes,
+                                                      int cells) {
+    // nearest grid point low + k*step, clamped; same float operations as derivative_codebook.cell_index
+    float t = floorf((v - low) / step + 0.5f);
+    t = fminf(fmaxf(t, 0.0f), (float)(cells - 1));
+    const int k = (t == t) ? (int)t : 0;  // NaN -> cell 0
+    return (unsigned int)cell_codes[k];
 }
 
 extern "C" __global__ void pack_codes(const unsigned char* codes, unsigned char* out, long long n, int bits) {
@@ -50,15 +49,15 @@ __device__ __forceinline__ void mask_pack(const T* x, float low, float high, uns
 }
 
 template <typename T>
-__device__ __forceinline__ void bucketize_pack(const T* x, const float* boundaries, int count, unsigned char* out,
-                                               long long n, int bits) {
+__device__ __forceinline__ void codebook_pack(const T* x, float low, float step, const unsigned char* cell_codes,
+                                              int cells, unsigned char* out, long long n, int bits) {
     const int per_byte = 8 / bits;
     const long long bytes = (n + per_byte - 1) / per_byte;
     SURGEON_GRID_STRIDE_LOOP(j, bytes) {
         unsigned int packed = 0;
         for (int k = 0; k < per_byte; ++k) {
             const long long i = j * per_byte + k;
-            if (i < n) packed |= bucketize(load_f(x, i), boundaries, count) << (k * bits);
+            if (i < n) packed |= codebook_code(load_f(x, i), low, step, cell_codes, cells) << (k * bits);
         }
         out[j] = (unsigned char)packed;
     }
@@ -92,9 +91,10 @@ __device__ __forceinline__ void rows_pack(const T* x, const float* low, const fl
                                                   long long n) {                                             \
         mask_pack<T>(x, low, high, out, n);                                                                  \
     }                                                                                                        \
-    extern "C" __global__ void bucketize_pack_##SUFFIX(const T* x, const float* boundaries, int count,        \
-                                                       unsigned char* out, long long n, int bits) {         \
-        bucketize_pack<T>(x, boundaries, count, out, n, bits);                                               \
+    extern "C" __global__ void codebook_pack_##SUFFIX(const T* x, float low, float step,                      \
+                                                      const unsigned char* cell_codes, int cells,            \
+                                                      unsigned char* out, long long n, int bits) {          \
+        codebook_pack<T>(x, low, step, cell_codes, cells, out, n, bits);                                     \
     }                                                                                                        \
     extern "C" __global__ void rows_pack_##SUFFIX(const T* x, const float* low, const float* step,            \
                                                   long long width, unsigned char* out, long long n, int bits) { \

@@ -39,6 +39,7 @@ class AdaptOptions:
     min_lr: float = 1e-6
     channels_last: bool = True
     label_smoothing: float = 0.0
+    update_bn_stats: bool = False  # frozen trunk: BatchNorm keeps its running statistics while adapters train
     seed: int = 0
     out: str | Path | None = None
     resume: bool = False
@@ -210,6 +211,10 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     for epoch in range(start_epoch, opts.epochs):
         _set_epoch(train_loader, epoch, opts.seed)
         module.train()
+        if not opts.update_bn_stats:
+            for norm in model.modules():
+                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                    norm.eval()
         started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         bar = _progress_bar(show_bar, steps_per_epoch, epoch, opts.epochs)
         for images, targets in train_loader:

@@ -166,6 +166,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
           workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
           seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
           channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
+          update_bn_stats: Annotated[bool, typer.Option("--update-bn-stats", help="Let BatchNorm use and update "
+                                                        "batch statistics (default: frozen trunk).")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT exactly.")] = False,
           force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
           json_output: JsonOpt = False) -> None:
@@ -212,7 +214,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
         say(f"before adaptation: val top-1 {before[0]:.2f}%, top-5 {before[1]:.2f}%")
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
-                       seed=seed, out=out, resume=resume, log=say)
+                       seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats)
     digest = trainable_digest(model)
     if world > 1:
         print(f"rank {rank}: trainable sha256 {digest}", flush=True)

@@ -132,3 +132,57 @@ def quadratic_dwconv(layer: Any, x: torch.Tensor) -> torch.Tensor:
     with cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
         function((launch.grid,), (launch.block,), (*flat, out, *(np.int32(v) for v in launch.ints)))
     return y
+
+
+# ------------------------------------------------------------------------------------------ quantize + pack
+def mask_pack(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """1-bit mask ``low < x < high`` of a CUDA tensor, packed in one kernel (layout of ``bitpack.pack``)."""
+    import numpy as np
+
+    from surgeon.layers.bitpack import packed_numel
+
+    flat = x.detach().contiguous().view(-1)
+    out = torch.empty(packed_numel(flat.numel(), 1), dtype=torch.uint8, device=x.device)
+    _run_pack("mask_pack", flat, out, np.float32(low), np.float32(high), np.int64(flat.numel()))
+    return out
+
+
+def codebook_pack(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
+    """Derivative-interval codes of a CUDA tensor, packed in one kernel."""
+    import numpy as np
+
+    from surgeon.layers.bitpack import packed_numel
+
+    flat = x.detach().contiguous().view(-1)
+    out = torch.empty(packed_numel(flat.numel(), bits), dtype=torch.uint8, device=x.device)
+    cells = book.cell_codes.to(x.device)
+    _run_pack("codebook_pack", flat, out, np.float32(book.low), np.float32(book.step), cells,
+              np.int32(cells.numel()), np.int64(flat.numel()), np.int32(bits), out_position=5)
+    return out
+
+
+def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row affine codes of a CUDA matrix, packed in one kernel (offset None: rows start at 0)."""
+    import numpy as np
+
+    from surgeon.layers.bitpack import packed_numel
+
+    flat = rows.detach().contiguous().view(-1)
+    out = torch.empty(packed_numel(flat.numel(), bits), dtype=torch.uint8, device=rows.device)
+    _run_pack("rows_pack", flat, out, offset.contiguous() if offset is not None else np.uint64(0), step.contiguous(),
+              np.int64(rows.shape[1]), np.int64(flat.numel()), np.int32(bits), out_position=4)
+    return out
+
+
+def _run_pack(name: str, flat: torch.Tensor, out: torch.Tensor, *arguments: Any, out_position: int = 3) -> None:
+    """Launch ``name_<dtype>(x, *arguments with out inserted at out_position)``."""
+    import cupy
+
+    converted: list[Any] = [cupy.from_dlpack(flat)]
+    for value in arguments:
+        converted.append(cupy.from_dlpack(value) if isinstance(value, torch.Tensor) else value)
+    converted.insert(out_position, cupy.from_dlpack(out))
+    grid = max(1, min((out.numel() + BLOCK - 1) // BLOCK, 65535 * 8))
+    function = _module("bitpack.cu").get_function(f"{name}_{_DTYPE_SUFFIX[flat.dtype]}")
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(flat.device).cuda_stream):
+        function((grid,), (BLOCK,), tuple(converted))

@@ -20,7 +20,7 @@ from torch import nn
 
 from surgeon.checkpoint import fit_state_dict, read_state_dict
 from surgeon.errors import CheckpointError, SurgeonError
-from surgeon.layers.memory_variants import revert_variant
+from surgeon.layers.memory_variants import fold_linear_delta, revert_variant
 from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation
@@ -67,7 +67,8 @@ def _revert(module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]]) -> 
     if id(module) in memo:
         return memo[id(module)][1]
     original = original_of(module)
-    result = revert_variant(original if original is not None else module)
+    result = original if original is not None else module
+    result = fold_linear_delta(result) if "weight_delta" in result._parameters else revert_variant(result)
     if isinstance(result, QuantizedActivation):
         result = result.original
     elif isinstance(result, QuadraticDepthwiseConv2d):

@@ -23,7 +23,7 @@ from surgeon.layers.bitpack import SUPPORTED_BITS
 from surgeon.resources import data_dir
 
 RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
-TARGET_LAYERS = {"depthwise_conv": ("quadratic",), "activation": ("quantized",), "conv": ("input_free",),
+TARGET_LAYERS = {"depthwise_conv": ("quadratic", "linear"), "activation": ("quantized",), "conv": ("input_free",),
                  "norm": ("frozen",)}
 
 
@@ -103,6 +103,9 @@ _LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
         "min_kernel": (2, _positive_int),
         "saved_input_bits": (32, _saved_bits),
     },
+    ("depthwise_conv", "linear"): {
+        "min_kernel": (2, _positive_int),
+    },
     ("conv", "input_free"): {},
     ("norm", "frozen"): {
         "batchnorm": (True, _bool),
@@ -181,9 +184,9 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     trainable = data.get("trainable", [])
     if (problem := _patterns(trainable)) is not None:
         raise fail("trainable", problem)
-    raw_rules = data.get("rules")
-    if not isinstance(raw_rules, list) or not raw_rules:
-        raise fail("rules", "expected at least one [[rules]] table")
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list) or not (raw_rules or trainable):
+        raise fail("rules", "expected at least one [[rules]] table (or a 'trainable' list)")
     rules = []
     for index, raw in enumerate(raw_rules):
         where = f"rules[{index}]"

@@ -18,7 +18,13 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF
-from surgeon.layers.memory_variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
+from surgeon.layers.memory_variants import (
+    FrozenBatchNorm,
+    InputFreeConv,
+    QuantizedLayerNorm,
+    add_linear_delta,
+    make_variant,
+)
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
@@ -67,6 +73,8 @@ def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module
         variant._surgeon_channel_dim = 1 if site.op == "layernorm2d" else -1
         variant._surgeon_bits = rule.option("layernorm_bits")
         return variant
+    if rule.target == "depthwise_conv" and rule.layer == "linear":
+        return add_linear_delta(original, same_dynamic=site.op == "conv2d_same")  # type: ignore[arg-type]
     if rule.target == "depthwise_conv":
         branch_a, branch_b = quadratic_branches(rule, original)  # type: ignore[arg-type]
         return QuadraticDepthwiseConv2d.from_conv(
@@ -173,9 +181,11 @@ def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,
 
 
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that surgeon layers add (the quadratic ``weight_a``/``weight_b``)."""
+    """Parameters that surgeon layers add (quadratic ``weight_a``/``weight_b``, linear ``weight_delta``)."""
     found = []
     for path, module in model.named_modules():
+        if "weight_delta" in module._parameters:
+            found.append((f"{path}.weight_delta" if path else "weight_delta", module.weight_delta))
         if isinstance(module, QuadraticDepthwiseConv2d):
             found.append((f"{path}.weight_a" if path else "weight_a", module.weight_a))
             found.append((f"{path}.weight_b" if path else "weight_b", module.weight_b))

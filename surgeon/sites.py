@@ -460,4 +460,8 @@ def _decide_conv(site: Site, rule: Rule, conv: nn.Module) -> None:
         site.saved_bytes_before = _numel(site.input_shape) * conv.weight.element_size()
         site.saved_bytes_after = 0
         return
+    if rule.layer == "linear":
+        site.added_params = conv.weight.numel()
+        site.saved_bytes_before = site.saved_bytes_after = _numel(site.input_shape) * conv.weight.element_size()
+        return
     _estimate_quadratic(site, rule, conv)

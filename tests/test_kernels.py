@@ -60,7 +60,7 @@ def test_nvrtc_compiles_what_the_loader_loads(source):
     finally:
         nvrtc.destroyProgram(program)
     entries = ["quadconv_fwd_f32_nhwc", "quadconv_fwd_bf16_nchw"] if "quadratic" in source else \
-        ["pack_codes", "bucketize_pack_f16", "rows_pack_bf16", "mask_pack_f32"]
+        ["pack_codes", "codebook_pack_f16", "rows_pack_bf16", "mask_pack_f32"]
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
     for entry in entries:
         assert f".entry {entry}" in text
@@ -185,15 +185,17 @@ def test_mask_pack_kernel(harness):
     assert torch.equal(out, bitpack.pack((x > 0) & (x < 6), 1))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_bucketize_pack_kernel(harness, bits):
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_codebook_pack_kernel(harness, bits):
     x = torch.randn(999) * 3
     book = codebook("gelu", bits)
-    x[:3] = book.boundaries[:3]  # ties go to the lower interval, as torch.bucketize does
+    x[:3] = torch.tensor([-50.0, 50.0, float("nan")])  # clamped ends and NaN
+    x[3:3 + book.boundaries.numel()] = book.boundaries  # exactly on the interval edges
     out = torch.zeros(bitpack.packed_numel(999, bits), dtype=torch.uint8)
-    harness.launch_bucketize_pack_f32(ctypes.c_uint(3), ctypes.c_uint(64), ptr(x), ptr(book.boundaries),
-                                      ctypes.c_int(book.boundaries.numel()), ptr(out), ctypes.c_longlong(999),
-                                      ctypes.c_int(bits))
+    harness.launch_codebook_pack_f32(ctypes.c_uint(3), ctypes.c_uint(64), ptr(x), ctypes.c_float(book.low),
+                                     ctypes.c_float(book.step), ptr(book.cell_codes),
+                                     ctypes.c_int(book.cell_codes.numel()), ptr(out), ctypes.c_longlong(999),
+                                     ctypes.c_int(bits))
     assert torch.equal(out, bitpack.pack(encode(x, book), bits))
 
 

@@ -147,3 +147,23 @@ def test_cli_merge(tmp_path):
     assert report["verification"]["relative"] <= 1e-5
     again = CliRunner().invoke(app, ["merge", str(tmp_path / "conv"), "--out", str(tmp_path / "m")])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_dw_linear_recipe_trains_and_merges_to_plain_convs(lite0):
+    original, _ = lite0
+    converted = surgeon.convert(original, "dw-linear", base={"architecture": "tf_efficientnet_lite0",
+                                                             "model_args": {}})
+    trainable = surgeon.trainable_parameters(converted)
+    assert len(trainable) == 16 and all(name.endswith("weight_delta") for name in trainable)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), original(x))
+        for param in trainable.values():
+            param.normal_(0, 0.02)
+    merged = surgeon.merge(converted)
+    assert not any(isinstance(m, QuadraConvDW) for m in merged.modules())
+    assert all(type(m) in (nn.Conv2d, type(original.conv_stem)) for m in merged.modules()
+               if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        assert relative(merged(x), converted(x)) <= 1e-5
+        assert relative(merged(x), original(x)) > 1e-3

@@ -40,10 +40,18 @@ SMOOTH_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass(frozen=True)
 class DerivativeCodebook:
-    """Interval boundaries (``levels - 1`` sorted values) and the derivative constant of each interval."""
+    """The derivative constant of each interval (``values``) and how to find an input's interval.
+
+    Intervals are unions of cells of the optimisation grid ``low + k * step``; an input belongs to the cell of
+    its nearest grid point (``cell_codes[k]`` is that cell's interval). ``boundaries`` (the cell edges where the
+    interval changes) document the same partition.
+    """
 
     boundaries: torch.Tensor
     values: torch.Tensor
+    low: float
+    step: float
+    cell_codes: torch.Tensor
 
     @property
     def levels(self) -> int:
@@ -98,20 +106,34 @@ def codebook(function: str, bits: int) -> DerivativeCodebook:
     cuts = sorted(set(cuts))
     values = []
     boundaries = []
-    for start, stop in itertools.pairwise(cuts):
+    cell_codes = torch.empty(points, dtype=torch.uint8)
+    for code, (start, stop) in enumerate(itertools.pairwise(cuts)):
         values.append(float((cum_wd[stop] - cum_wd[start]) / (cum_w[stop] - cum_w[start])))
+        cell_codes[start:stop] = code
         if stop < points:
             boundaries.append(float(0.5 * (grid[stop - 1] + grid[stop])))
     return DerivativeCodebook(
         boundaries=torch.tensor(boundaries, dtype=torch.float32),
         values=torch.tensor(values, dtype=torch.float32),
+        low=float(grid[0]),
+        step=float(grid[1] - grid[0]),
+        cell_codes=cell_codes,
     )
+
+
+def cell_index(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
+    """Nearest grid point of every element, clamped to the grid (NaN -> 0), as int32.
+
+    Same float operations as the CUDA kernel (subtract, divide, add 0.5, floor), so both give the same cells.
+    """
+    cells = book.cell_codes.numel()
+    t = x.float().sub(book.low).div_(book.step).add_(0.5).floor_().clamp_(0, cells - 1).nan_to_num_(0.0)
+    return t.to(torch.int32)
 
 
 def encode(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
     """Interval index of every element of ``x`` (uint8)."""
-    boundaries = book.boundaries.to(device=x.device, dtype=x.dtype)
-    return torch.bucketize(x.contiguous(), boundaries).to(torch.uint8)
+    return book.cell_codes.to(x.device)[cell_index(x, book)]
 
 
 def decode(codes: torch.Tensor, book: DerivativeCodebook, dtype: torch.dtype) -> torch.Tensor:

@@ -8,6 +8,7 @@ derivative-interval code, or a ``bits``-bit output with per-row scale, all bit-p
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,17 +39,43 @@ def in_replacement() -> bool:
     return getattr(_STATE, "depth", 0) > 0
 
 
-def _mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
-    """Where the derivative takes its 'high' value (matches torch's own backward at the boundaries)."""
+def _mask_bounds(spec: ActivationSpec) -> tuple[float, float]:
+    """The open interval where the derivative takes its 'high' value (torch's own backward at the edges)."""
     if spec.op in ("relu", "leaky_relu"):
-        return x > 0
+        return 0.0, math.inf
     if spec.op == "relu6":
-        return (x > 0) & (x < 6)
+        return 0.0, 6.0
     if spec.op == "hardtanh":
-        return (x > spec.param("min_val")) & (x < spec.param("max_val"))
+        return spec.param("min_val"), spec.param("max_val")
     if spec.op == "hardsigmoid":
-        return (x > -3) & (x < 3)
+        return -3.0, 3.0
     raise AssertionError(spec.op)
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from surgeon import cuda_kernels
+
+    return cuda_kernels.available()
+
+
+def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    low, high = _mask_bounds(spec)
+    if _use_kernels(x):
+        from surgeon import cuda_kernels
+
+        return cuda_kernels.mask_pack(x, low, high)
+    mask = x > low if high == math.inf else (x > low) & (x < high)
+    return bitpack.pack(mask, 1)
+
+
+def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
+    if _use_kernels(x):
+        from surgeon import cuda_kernels
+
+        return cuda_kernels.codebook_pack(x, book, bits)
+    return bitpack.pack(encode(x, book), bits)
 
 
 def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
@@ -73,9 +100,9 @@ class _QuantizedActivationFn(torch.autograd.Function):
         ctx.spec, ctx.bits, ctx.shape, ctx.dtype = spec, bits, x.shape, x.dtype
         family = spec.family
         if family == "mask":
-            saved = (bitpack.pack(_mask(x, spec), 1),)
+            saved = (pack_mask(x, spec),)
         elif family == "derivative":
-            saved = (bitpack.pack(encode(x, codebook(_codebook_name(spec), bits)), bits),)
+            saved = (pack_codes(x, codebook(_codebook_name(spec), bits), bits),)
         y = forward_fn(x)
         if y is x or (y.data_ptr() == x.data_ptr() and y.shape == x.shape):
             ctx.mark_dirty(x)

@@ -38,9 +38,10 @@ extern "C" void launch_mask_pack_f32(unsigned grid, unsigned block, const float 
                                      unsigned char *out, long long n) {
     SURGEON_LAUNCH(mask_pack_f32, grid, block, x, low, high, out, n);
 }
-extern "C" void launch_bucketize_pack_f32(unsigned grid, unsigned block, const float *x, const float *boundaries,
-                                          int count, unsigned char *out, long long n, int bits) {
-    SURGEON_LAUNCH(bucketize_pack_f32, grid, block, x, boundaries, count, out, n, bits);
+extern "C" void launch_codebook_pack_f32(unsigned grid, unsigned block, const float *x, float low, float step,
+                                         const unsigned char *cell_codes, int cells, unsigned char *out, long long n,
+                                         int bits) {
+    SURGEON_LAUNCH(codebook_pack_f32, grid, block, x, low, step, cell_codes, cells, out, n, bits);
 }
 extern "C" void launch_rows_pack_f32(unsigned grid, unsigned block, const float *x, const float *low,
                                      const float *step, long long width, unsigned char *out, long long n, int bits) {
