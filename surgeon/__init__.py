@@ -4,6 +4,7 @@ from surgeon.adapt import adapt
 from surgeon.api import convert, output_difference, plan, trainable_parameters
 from surgeon.artifacts import load, save
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
+from surgeon.hub import push_to_hub
 from surgeon.loading import load_model
 from surgeon.merge import merge, save_merged
 from surgeon.recipe import Recipe, load_recipe
@@ -24,6 +25,7 @@ __all__ = [
     "merge",
     "output_difference",
     "plan",
+    "push_to_hub",
     "save",
     "save_merged",
     "trainable_parameters",

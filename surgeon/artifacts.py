@@ -127,15 +127,19 @@ def resolve_directory(location: str | Path, revision: str | None = None, token: 
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+        from surgeon.hub import hub_cache, hub_endpoint, offline
+
         repo_id = text[len("hf-hub:"):]
         try:
-            return Path(snapshot_download(repo_id, revision=revision, token=token))
+            return Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=hub_endpoint(),
+                                          cache_dir=hub_cache(), local_files_only=offline()))
         except LocalEntryNotFoundError as exc:
             raise CheckpointError(f"{text}: not in the local cache and the Hub cannot be reached "
                                   "(network down or HF_HUB_OFFLINE=1); connect or download it first") from exc
         except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{text}: download failed ({str(exc).splitlines()[0][:200]}); check the repo "
-                                  "id, your token (HF_TOKEN / --token) and the network") from exc
+            from surgeon.hub import _explain
+
+            raise CheckpointError(str(_explain(exc, "cannot download", text))) from exc
     if text.startswith("local-dir:"):
         text = text[len("local-dir:"):]
     path = Path(text)

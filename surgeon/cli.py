@@ -264,14 +264,45 @@ def merge(directory: Annotated[str, typer.Argument(help="Converted (trained) mod
 
 @app.command()
 @friendly_errors
+def push(directory: Annotated[Path, typer.Argument(help="Artifact directory (converted, adapted or merged).")],
+         repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name.")],
+         private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+         create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of "
+                                                                     "committing to the branch.")] = False,
+         revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to.")] = None,
+         token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN / login).")] = None,
+         commit_message: Annotated[str | None, typer.Option("--commit-message", "-m")] = None,
+         overwrite_card: Annotated[bool, typer.Option("--overwrite-card", help="Replace an existing README.md "
+                                                                               "on the Hub.")] = False,
+         json_output: JsonOpt = False) -> None:
+    """Upload an artifact with a model card to the Hugging Face Hub (load it back with hf-hub:REPO_ID)."""
+    from surgeon.hub import push_to_hub
+
+    with progress(f"uploading to {repo_id}"):
+        result = push_to_hub(directory, repo_id, private=private, create_pr=create_pr, revision=revision,
+                             token=token, commit_message=commit_message, overwrite_card=overwrite_card)
+    if json_output:
+        print(json.dumps({"schema": "surgeon.push/1", "repo_url": result.repo_url, "commit_url": result.commit_url,
+                          "pull_request_url": result.pull_request_url, "card_written": result.card_written},
+                         indent=2))
+        return
+    stdout.print(f"pushed {directory} to {result.repo_url} ({result.commit_url})", markup=False)
+    if not result.card_written:
+        stdout.print("kept the README.md already on the Hub (use --overwrite-card to replace it)", markup=False)
+
+
+@app.command()
+@friendly_errors
 def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Where to put every artifact.")] = Path("surgeon-demo"),
-         force: Annotated[bool, typer.Option("--force", help="Replace artifacts from an earlier run.")] = True,
-         ) -> None:
-    """Run the whole pipeline offline on real pretrained weights and real photos."""
+         epochs: Annotated[int, typer.Option(help="Adaptation epochs.")] = 3,
+         crops_per_photo: Annotated[int, typer.Option("--crops-per-photo", help="Dataset size knob.")] = 40,
+         batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32) -> None:
+    """Run the whole pipeline offline (plan, convert, adapt, merge, reload) on real weights and real photos."""
     from surgeon.demo import run_demo
 
-    report = run_demo(out, say=lambda line: stdout.print(line, markup=False, highlight=False), force=force)
-    stdout.print("artifacts:", markup=False)
+    report = run_demo(out, say=lambda line: stdout.print(line, markup=False, highlight=False), epochs=epochs,
+                      crops_per_photo=crops_per_photo, batch_size=batch_size)
+    stdout.print("\nartifacts:", markup=False)
     for what, where in report.artifacts.items():
         stdout.print(f"  {what}: {where}", markup=False)
 

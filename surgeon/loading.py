@@ -119,16 +119,20 @@ def from_hub(repo_id: str, revision: str | None = None, token: str | None = None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    from surgeon.hub import hub_cache, hub_endpoint, offline
+
     try:
-        config_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token)
+        config_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=hub_endpoint(),
+                                      cache_dir=hub_cache(), local_files_only=offline())
     except EntryNotFoundError as exc:
         raise CheckpointError(f"hf-hub:{repo_id}: repository has no {CONFIG_NAME}") from exc
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(f"hf-hub:{repo_id}: not in the local cache and the Hub cannot be reached "
                               "(network down or HF_HUB_OFFLINE=1); connect or download it first") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"hf-hub:{repo_id}: download failed ({str(exc).splitlines()[0][:200]}); "
-                              "check the repo id, your token (HF_TOKEN / --token) and the network") from exc
+        from surgeon.hub import _explain
+
+        raise CheckpointError(str(_explain(exc, "cannot download", f"hf-hub:{repo_id}"))) from exc
     config = json.loads(Path(config_file).read_text(encoding="utf-8"))
     if "surgeon" in config:
         from surgeon.artifacts import load
@@ -143,7 +147,7 @@ def load_model(spec: str, weights: str | None = None, arch: str | None = None, p
                strict: bool = True, model_args: dict[str, Any] | None = None) -> LoadedModel:
     """Resolve a MODEL argument (see module docstring)."""
     if spec.startswith("hf-hub:"):
-        return from_hub(spec[len("hf-hub:"):])
+        return from_hub(spec[len("hf-hub:"):], token=os.environ.get("HF_TOKEN") or None)
     if spec.startswith("local-dir:"):
         return from_directory(spec[len("local-dir:"):], strict=strict)
     path = Path(spec)

@@ -1,0 +1,176 @@
+"""Publishing artifacts to the Hugging Face Hub with a model card, through ``huggingface_hub.HfApi``.
+
+The uploaded folder is what timm users expect (``config.json`` with timm's fields, ``model.safetensors``)
+plus a ``README.md`` model card built with ``ModelCard``/``ModelCardData``. Files are staged in a temporary
+directory (the artifact directory is never modified) and uploaded in one commit: either everything lands or
+nothing does. An existing README on the Hub is kept unless ``overwrite_card``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from surgeon.errors import SurgeonError
+
+TAGS = ["timm", "image-classification", "surgeon", "quadranet-v2", "s2a"]
+
+
+class HubError(SurgeonError):
+    """A Hub operation failed; the message says what and how to fix it."""
+
+
+@dataclass
+class PushResult:
+    repo_url: str
+    commit_url: str
+    pull_request_url: str | None
+    card_written: bool
+
+
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def hub_cache() -> str | None:
+    return os.environ.get("HF_HUB_CACHE") or None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _explain(exc: Exception, action: str, repo_id: str) -> HubError:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if status in (401, 403):
+        return HubError(f"{action} {repo_id}: not authorised ({status}); pass a write token with --token or "
+                        "HF_TOKEN, or run `hf auth login`")
+    if isinstance(exc, RepositoryNotFoundError) or status == 404:
+        return HubError(f"{action} {repo_id}: repository not found (or your token cannot see it)")
+    if status is not None and status >= 500:
+        return HubError(f"{action} {repo_id}: the Hub answered {status} ({first}); nothing was committed - "
+                        "retry later")
+    if isinstance(exc, HfHubHTTPError):
+        return HubError(f"{action} {repo_id}: {first}")
+    return HubError(f"{action} {repo_id}: cannot reach the Hub ({first}); check the network, or unset "
+                    "HF_HUB_OFFLINE")
+
+
+def _card(config: dict[str, Any], repo_id: str) -> str:
+    """Model card text (YAML metadata + markdown) from an artifact's config."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    section = config.get("surgeon", {})
+    cfg = config.get("pretrained_cfg") or {}
+    recipe = section.get("recipe") or {}
+    base_model = cfg.get("hf_hub_id") or None
+    metrics = section.get("metrics") or {}
+    data = ModelCardData(library_name="timm", base_model=base_model, tags=TAGS + [recipe.get("name", "")],
+                         license=cfg.get("license") or "other", pipeline_tag="image-classification")
+    sites = section.get("sites") or []
+    layers = section.get("layers") or []
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"`{config.get('architecture')}` after model surgery with [surgeon](https://pypi.org/project/surgeon/) "
+        f"recipe **{recipe.get('name', '?')}**: {recipe.get('description', '')}",
+        "",
+        f"- checkpoint format: `{section.get('format')}` (surgeon {section.get('version')})",
+        f"- base model: `{section.get('base_model')}`",
+    ]
+    if section.get("format") == "merged":
+        verification = section.get("merge_verification") or {}
+        added = sum(e["channels"] * e["rank"] * 2 * e["kernel_size"][0] * e["kernel_size"][1] for e in layers)
+        lines += [f"- quadratic depthwise layers: {len(layers)} (dense QuadraLib layout, {added:,} extra weights)",
+                  f"- folded BatchNorms: {len(section.get('folded_batchnorm') or {})}",
+                  f"- merge verification: max |Δ| = {verification.get('max_abs_diff', float('nan')):.3g} "
+                  f"(relative {verification.get('relative', float('nan')):.3g}) vs the unmerged model"]
+    else:
+        swapped = [s for s in sites if s.get("action") == "swap"]
+        by_target: dict[str, int] = {}
+        for site in swapped:
+            by_target[site["target"]] = by_target.get(site["target"], 0) + 1
+        lines += [f"- swapped sites: {', '.join(f'{n} {t}' for t, n in sorted(by_target.items())) or 'none'}",
+                  f"- added parameters: {sum(s.get('added_params', 0) for s in swapped):,}",
+                  f"- trainable tensors: {len(section.get('trainable') or [])}"]
+        unreachable = [s for s in sites if s.get("action") == "unreachable"]
+        if unreachable:
+            lines.append(f"- unreachable sites: {len(unreachable)}")
+    if metrics:
+        lines.append(f"- validation after adaptation: top-1 {metrics.get('val_top1')}, top-5 "
+                     f"{metrics.get('val_top5')} ({metrics.get('epochs_trained')} epochs)")
+    lines += ["", "## Usage", "", "```python", "import surgeon", "",
+              f'model = surgeon.load("hf-hub:{repo_id}")', "model.eval()", "```", "",
+              "## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def push_to_hub(source: str | Path | nn.Module, repo_id: str, private: bool = False, create_pr: bool = False,
+                revision: str | None = None, token: str | None = None, commit_message: str | None = None,
+                overwrite_card: bool = False) -> PushResult:
+    """Upload an artifact directory (or a converted/merged model, saved first) to ``repo_id``."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if offline():
+        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set (unset it and make sure the Hub is "
+                       "reachable)")
+    with tempfile.TemporaryDirectory(prefix="surgeon-push-") as scratch:
+        staging = Path(scratch) / "upload"
+        if isinstance(source, nn.Module):
+            _save_model(source, staging)
+        else:
+            directory = Path(str(source).removeprefix("local-dir:"))
+            if not (directory / "config.json").is_file():
+                raise HubError(f"{directory}: not an artifact directory (no config.json)")
+            shutil.copytree(directory, staging, ignore=shutil.ignore_patterns(".*", "training_state.pt"))
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        if "surgeon" not in config:
+            raise HubError(f"{source}: config.json has no 'surgeon' section (push surgeon artifacts)")
+        api = HfApi(endpoint=hub_endpoint(), token=token)
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            has_card = api.file_exists(repo_id, "README.md", revision=revision)
+        except HfHubHTTPError as exc:
+            raise _explain(exc, "cannot create", repo_id) from exc
+        except OSError as exc:
+            raise _explain(exc, "cannot create", repo_id) from exc
+        write_card = overwrite_card or not has_card
+        if write_card:
+            (staging / "README.md").write_text(_card(config, repo_id), encoding="utf-8")
+        else:
+            (staging / "README.md").unlink(missing_ok=True)
+        try:
+            info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message or
+                                     f"Upload {config.get('architecture')} ({config['surgeon'].get('format')}) "
+                                     "with surgeon")
+        except HfHubHTTPError as exc:
+            raise _explain(exc, "upload to", repo_id) from exc
+        except OSError as exc:
+            raise _explain(exc, "upload to", repo_id) from exc
+    return PushResult(repo_url=str(repo_url), commit_url=str(info.commit_url),
+                      pull_request_url=getattr(info, "pr_url", None) or None, card_written=write_card)
+
+
+def _save_model(model: nn.Module, directory: Path) -> None:
+    from surgeon.artifacts import save
+    from surgeon.merge import save_merged
+
+    if getattr(model, "surgeon_merge", None) is not None:
+        save_merged(model, directory)
+    elif getattr(model, "surgeon_info", None) is not None:
+        save(model, directory)
+    else:
+        raise HubError("push a model returned by surgeon.convert, surgeon.merge or surgeon.load")
