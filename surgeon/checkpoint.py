@@ -42,6 +42,11 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
     """Tensors of a ``.safetensors`` or ``torch.save`` file. Pickles are read with ``weights_only=True`` only;
     EMA weights are preferred (as timm does) and DDP/compile prefixes stripped."""
     path = Path(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: broken symbolic link (dangling or a loop)") from exc
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():

@@ -76,7 +76,7 @@ def _card(config: dict[str, Any], repo_id: str) -> str:
     recipe = section.get("recipe") or {}
     base_model = cfg.get("hf_hub_id") or None
     metrics = section.get("metrics") or {}
-    data = ModelCardData(library_name="timm", base_model=base_model, tags=TAGS + [recipe.get("name", "")],
+    data = ModelCardData(library_name="timm", base_model=base_model, tags=[*TAGS, recipe.get("name", "")],
                          license=cfg.get("license") or "other", pipeline_tag="image-classification")
     sites = section.get("sites") or []
     layers = section.get("layers") or []

@@ -154,7 +154,7 @@ def load_model(spec: str, weights: str | None = None, arch: str | None = None, p
     if path.is_dir():
         return from_directory(path, strict=strict)
     if path.suffix in WEIGHT_SUFFIXES or os.sep in spec:
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise CheckpointError(f"{spec}: no such file or directory")
         if arch is None:
             raise SurgeonError(f"{spec} is a weights file: say which architecture it is for with --arch NAME")
