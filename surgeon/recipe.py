@@ -193,10 +193,10 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         if not isinstance(raw, dict):
             raise fail(where, "expected a table")
         target = raw.get("target")
-        if target not in TARGET_LAYERS:
+        if not isinstance(target, str) or target not in TARGET_LAYERS:
             raise fail(f"{where}.target", f"expected one of {list(TARGET_LAYERS)}, got {target!r}")
         layer = raw.get("layer", TARGET_LAYERS[target][0])
-        if layer not in TARGET_LAYERS[target]:
+        if not isinstance(layer, str) or layer not in TARGET_LAYERS[target]:
             raise fail(f"{where}.layer", f"expected one of {list(TARGET_LAYERS[target])} for target {target!r}")
         fields = {**_COMMON, **_LAYER_FIELDS[(target, layer)]}
         values: dict[str, Any] = {}
