@@ -3,6 +3,21 @@
 // code k of the byte at bit offset k*bits. One thread per output byte.
 #include "common.cuh"
 
+// Pack code_of(i) for i in [0, n) (each < 2^bits) into out.
+template <typename CodeOf>
+__device__ __forceinline__ void pack_codes_of(CodeOf code_of, unsigned char* out, long long n, int bits) {
+    const int per_byte = 8 / bits;
+    const long long bytes = (n + per_byte - 1) / per_byte;
+    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
+        unsigned int packed = 0;
+        for (int k = 0; k < per_byte; ++k) {
+            const long long i = j * per_byte + k;
+            if (i < n) packed |= code_of(i) << (k * bits);
+        }
+        out[j] = (unsigned char)packed;
+    }
+}
+
 __device__ __forceinline__ unsigned int codebook_code(float v, float low, float step, const unsigned char* cell_codes,
                                                       int cells) {
     // nearest grid point low + k*step, clamped; same float operations as derivative_codebook.cell_index
@@ -13,16 +28,8 @@ __device__ __forceinline__ unsigned int codebook_code(float v, float low, float 
 }
 
 extern "C" __global__ void pack_codes(const unsigned char* codes, unsigned char* out, long long n, int bits) {
-    const int per_byte = 8 / bits;
-    const long long bytes = (n + per_byte - 1) / per_byte;
-    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
-        unsigned int packed = 0;
-        for (int k = 0; k < per_byte; ++k) {
-            const long long i = j * per_byte + k;
-            if (i < n) packed |= ((unsigned int)codes[i] & ((1u << bits) - 1u)) << (k * bits);
-        }
-        out[j] = (unsigned char)packed;
-    }
+    const unsigned int mask = (1u << bits) - 1u;
+    pack_codes_of([=](long long i) { return (unsigned int)codes[i] & mask; }, out, n, bits);
 }
 
 extern "C" __global__ void unpack_codes(const unsigned char* packed, unsigned char* out, long long n, int bits) {
@@ -34,56 +41,30 @@ extern "C" __global__ void unpack_codes(const unsigned char* packed, unsigned ch
 
 template <typename T>
 __device__ __forceinline__ void mask_pack(const T* x, float low, float high, unsigned char* out, long long n) {
-    const long long bytes = (n + 7) / 8;
-    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
-        unsigned int packed = 0;
-        for (int k = 0; k < 8; ++k) {
-            const long long i = j * 8 + k;
-            if (i < n) {
-                const float v = load_f(x, i);
-                packed |= (unsigned int)(v > low && v < high) << k;
-            }
-        }
-        out[j] = (unsigned char)packed;
-    }
+    pack_codes_of([=](long long i) {
+        const float v = load_f(x, i);
+        return (unsigned int)(v > low && v < high);
+    }, out, n, 1);
 }
 
 template <typename T>
 __device__ __forceinline__ void codebook_pack(const T* x, float low, float step, const unsigned char* cell_codes,
                                               int cells, unsigned char* out, long long n, int bits) {
-    const int per_byte = 8 / bits;
-    const long long bytes = (n + per_byte - 1) / per_byte;
-    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
-        unsigned int packed = 0;
-        for (int k = 0; k < per_byte; ++k) {
-            const long long i = j * per_byte + k;
-            if (i < n) packed |= codebook_code(load_f(x, i), low, step, cell_codes, cells) << (k * bits);
-        }
-        out[j] = (unsigned char)packed;
-    }
+    pack_codes_of([=](long long i) { return codebook_code(load_f(x, i), low, step, cell_codes, cells); }, out, n,
+                  bits);
 }
 
 template <typename T>
 __device__ __forceinline__ void rows_pack(const T* x, const float* low, const float* step, long long width,
                                           unsigned char* out, long long n, int bits) {
     // per-row affine codes: round((x - low[row]) / step[row]) clamped to [0, 2^bits - 1]; low may be null (0)
-    const int per_byte = 8 / bits;
     const float levels = (float)((1 << bits) - 1);
-    const long long bytes = (n + per_byte - 1) / per_byte;
-    SURGEON_GRID_STRIDE_LOOP(j, bytes) {
-        unsigned int packed = 0;
-        for (int k = 0; k < per_byte; ++k) {
-            const long long i = j * per_byte + k;
-            if (i < n) {
-                const long long row = i / width;
-                const float base = low ? low[row] : 0.0f;
-                float q = rintf((load_f(x, i) - base) / step[row]);
-                q = fminf(fmaxf(q, 0.0f), levels);
-                packed |= ((unsigned int)q) << (k * bits);
-            }
-        }
-        out[j] = (unsigned char)packed;
-    }
+    pack_codes_of([=](long long i) {
+        const long long row = i / width;
+        const float base = low ? low[row] : 0.0f;
+        const float q = fminf(fmaxf(rintf((load_f(x, i) - base) / step[row]), 0.0f), levels);
+        return (unsigned int)q;
+    }, out, n, bits);
 }
 
 #define SURGEON_PACK_ENTRIES(SUFFIX, T)                                                                    \

@@ -46,19 +46,17 @@ def test_nvrtc_compiles_what_the_loader_loads(source):
     code = cuda_kernels.kernel_source(source)
     options = cuda_kernels.nvrtc_options()
     assert any(o.startswith("-I") for o in options), "no CUDA include directory with cuda_fp16.h found"
-    program = nvrtc.createProgram(code, source, [], [])
-    try:
-        nvrtc.compileProgram(program, [*options, "-arch=sm_90"])
-        cubin = nvrtc.getCUBIN(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    assert len(cubin) > 1000
-    program = nvrtc.createProgram(code, source, [], [])
-    try:
-        nvrtc.compileProgram(program, [*options, "-arch=compute_80"])
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
+
+    def compile_with(arch: str, output):
+        program = nvrtc.createProgram(code, source, [], [])
+        try:
+            nvrtc.compileProgram(program, [*options, f"-arch={arch}"])
+            return output(program)
+        finally:
+            nvrtc.destroyProgram(program)
+
+    assert len(compile_with("sm_90", nvrtc.getCUBIN)) > 1000
+    ptx = compile_with("compute_80", nvrtc.getPTX)
     entries = ["quadconv_fwd_f32_nhwc", "quadconv_fwd_bf16_nchw"] if "quadratic" in source else \
         ["pack_codes", "codebook_pack_f16", "rows_pack_bf16", "mask_pack_f32"]
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
