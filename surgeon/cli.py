@@ -170,6 +170,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                                                         "batch statistics (default: frozen trunk).")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT exactly.")] = False,
           force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
+          no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of DIR.")] = False,
           json_output: JsonOpt = False) -> None:
     """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
     import random
@@ -193,7 +194,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     if out.exists() and not (resume or force):
         raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
     with progress(f"loading {out if resume else directory}"):
-        model = surgeon.load(str(out) if resume else directory)
+        model = surgeon.load(str(out) if resume else directory, verify=not no_verify)
     folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed)
     if folders.skipped:
         stderr.print(f"warning: skipped {folders.skipped} unreadable image(s)", markup=False)

@@ -84,7 +84,7 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
             batch_size, "--force")
     cli.adapt(str(converted_dir), data=data.root, out=adapted_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
               weight_decay=0.05, clip_grad=5.0, warmup_epochs=0.0, workers=0, seed=0, channels_last=True,
-              update_bn_stats=False, resume=False, force=True, json_output=False)
+              update_bn_stats=False, resume=False, force=True, no_verify=False, json_output=False)
     report.artifacts["adapted model (+ training state)"] = str(adapted_dir)
     adapted = surgeon.load(adapted_dir)
     metrics = getattr(adapted, "surgeon_metrics", {}) or {}
