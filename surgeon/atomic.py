@@ -46,17 +46,3 @@ def staged_directory(destination: str | Path, force: bool = False) -> Iterator[P
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a single file through a temporary file in the same directory."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -30,6 +30,6 @@ def test_demo_pipeline(tmp_path):
 
 def test_demo_command_prints_artifacts(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--crops-per-photo",
-                                      "6", "--batch-size", "16"])
+                                      "8", "--batch-size", "16"])
     assert result.exit_code == 0, result.output
     assert "artifacts:" in result.stdout and "merged model:" in result.stdout
