@@ -24,7 +24,7 @@ from surgeon.resources import data_dir
 
 RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
 TARGET_LAYERS = {"depthwise_conv": ("quadratic", "linear"), "activation": ("quantized",), "conv": ("input_free",),
-                 "norm": ("frozen",)}
+                 "norm": ("frozen",), "gate": ("quantized",)}
 
 
 def _is_int(value: Any) -> bool:
@@ -107,6 +107,9 @@ _LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
         "min_kernel": (2, _positive_int),
     },
     ("conv", "input_free"): {},
+    ("gate", "quantized"): {
+        "bits": (8, _bits),
+    },
     ("norm", "frozen"): {
         "batchnorm": (True, _bool),
         "layernorm": (True, _bool),

@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF
+from surgeon.layers.gated_multiply import gated_multiply
 from surgeon.layers.memory_variants import (
     FrozenBatchNorm,
     InputFreeConv,
@@ -29,7 +30,7 @@ from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
 from surgeon.recipe import Recipe, Rule, match_pattern
-from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, quadratic_branches
+from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, gate_nodes, quadratic_branches
 from surgeon.tracing import trace_owner
 
 # attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
@@ -93,6 +94,17 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
     graph = trace_owner(owner, observed)
     wanted = {(s.op, s.occurrence): s for s in sites}
     done = set()
+    for node, _, occurrence, gate_index in gate_nodes(graph, owner, owner_path):
+        site = wanted.get(("gate_mul", occurrence))
+        if site is None:
+            continue
+        rule = recipe.rules[site.rule]  # type: ignore[index]
+        with graph.inserting_after(node):
+            new = graph.call_function(gated_multiply, (node.args[1 - gate_index], node.args[gate_index],
+                                                       gate_index == 0, rule.option("bits")))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done.add(("gate_mul", occurrence))
     for node, _, op, occurrence in functional_nodes(graph, owner_path):
         site = wanted.get((op, occurrence))
         if site is None:

@@ -15,6 +15,7 @@ Each site ends up with an action: ``swap``, ``skip`` (a rule or option excludes 
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,6 +261,39 @@ def functional_nodes(graph: torch.fx.Graph, owner_filter: str | None = None
     return found
 
 
+GATE_OPS = ("sigmoid", "hardsigmoid")
+_MUL_FUNCTIONS = (operator.mul, torch.mul)
+
+
+def _is_gate_node(node: Any, root: nn.Module) -> bool:
+    """A call of a sigmoid-like activation module (original or already quantized)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_module":
+        return False
+    module = root.get_submodule(node.target)  # type: ignore[arg-type]
+    if isinstance(module, QuantizedActivation):
+        return module.spec.op in GATE_OPS
+    return module_op(module) in GATE_OPS
+
+
+def gate_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | None = None
+               ) -> list[tuple[torch.fx.Node, str, int, int]]:
+    """(node, owner, occurrence, gate argument index) of every ``x * gate(...)`` multiply, in graph order."""
+    counts: dict[str, int] = defaultdict(int)
+    found = []
+    for node in graph.nodes:
+        is_mul = (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or \
+            (node.op == "call_method" and node.target == "mul")
+        if not is_mul or len(node.args) != 2 or node.kwargs:
+            continue
+        gate_index = next((i for i, arg in enumerate(node.args) if _is_gate_node(arg, root)), None)
+        if gate_index is None or not isinstance(node.args[1 - gate_index], torch.fx.Node):
+            continue
+        owner = _innermost_owner(node) if owner_filter is None else owner_filter
+        found.append((node, owner, counts[owner], gate_index))
+        counts[owner] += 1
+    return found
+
+
 def _spec_of_node(node: torch.fx.Node, op: str) -> ActivationSpec:
     rest = node.args[1:]
     if any(isinstance(a, torch.fx.Node) for a in rest) or any(
@@ -326,6 +360,12 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
                 site.spec = _spec_of_node(node, op)
             except UnsupportedCall as exc:
                 site.blocker = str(exc)
+            sites.append(site)
+        for node, owner, occurrence, _ in gate_nodes(graph, model):
+            owner_module = modules_by_path.get(owner)
+            site = Site(path=functional_site_path(owner, "gate_mul", occurrence), target="gate", op="gate_mul",
+                        access=node.op, module_type=type(owner_module).__name__ if owner_module is not None else "?",
+                        owner=owner, occurrence=occurrence, aliases=[owner])
             sites.append(site)
     _add_hidden_sites(model, census, traced_owners, paths, modules_by_path, sites)
     for site in sites:
@@ -421,6 +461,8 @@ def decide(analysis: Analysis, model: nn.Module, recipe: Recipe) -> None:
                 _decide_conv(site, rule, modules_by_path[site.path])
             elif rule.target == "norm":
                 _estimate_frozen(site, rule)
+            elif rule.target == "gate":
+                pass  # shapes are only known at run time
             else:
                 _estimate_activation(site, rule)
             break

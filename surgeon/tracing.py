@@ -16,6 +16,7 @@ import torch.fx
 from torch import nn
 
 from surgeon.layers.activation_ops import module_op
+from surgeon.layers.gated_multiply import gated_multiply
 from surgeon.layers.memory_variants import is_variant
 from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
@@ -32,7 +33,7 @@ def _timm_leaves() -> tuple[set[type], tuple[Any, ...]]:
     return set(timm_fx.get_notrace_modules()), functions
 
 
-_SURGEON_FUNCTIONS = (quantized_call, quantized_scaled_dot_product_attention)
+_SURGEON_FUNCTIONS = (quantized_call, quantized_scaled_dot_product_attention, gated_multiply)
 
 
 class ModelTracer(torch.fx.Tracer):

@@ -165,3 +165,64 @@ def test_model_saved_memory_targets(name, size):
         assert any(p.grad is not None for p in surgeon.trainable_parameters(converted).values())
     assert measured["quadranet-v2-s2a"] * 10 <= full_bytes, (measured, full_bytes)
     assert measured["quadranet-v2-s2a"] * 4 <= measured["quadranet-v2"], (measured, full_bytes)
+
+
+@pytest.mark.parametrize("gate_first", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gated_multiply(gate_first, channels_last, seeded):
+    from surgeon.layers.gated_multiply import gated_multiply
+
+    x = torch.randn(4, 16, 12, 10) * 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    gate = torch.rand(4, 16, 1, 1)
+    grad = torch.randn(4, 16, 12, 10)
+
+    def both(fn):
+        xs, gs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+        y = fn(xs, gs)
+        return (y.detach(), *torch.autograd.grad(y, (xs, gs), grad))
+
+    want = both(lambda a, g: g * a if gate_first else a * g)
+    got = both(lambda a, g: gated_multiply(a, g, gate_first, 8))
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])  # input gradient exact
+    assert cosine(got[2], want[2]) >= 0.999  # gate gradient from the 8-bit input
+    gate_leaf = gate.clone().requires_grad_(True)
+    plain = _saved_by(lambda t: t * gate_leaf, x)
+    low = _saved_by(lambda t: gated_multiply(t, gate_leaf, gate_first, 8), x)
+    assert low * 3 <= plain
+
+
+def _saved_by(fn, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    leaf = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(leaf)
+    return sum(storages.values())
+
+
+def test_squeeze_excite_gates_are_converted():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0").eval()
+    x = torch.randn(4, 3, 128, 128)
+    converted = surgeon.convert(model, "quadranet-v2-s2a", example_input=x[:1])
+    gates = [s for s in converted.surgeon_info.sites if s.target == "gate"]
+    assert len(gates) == 16 and all(s.action == "swap" for s in gates)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    without_gates = surgeon.convert(model, {"name": "no-gates", "rules": [
+        r for r in surgeon.load_recipe("quadranet-v2-s2a").to_dict()["rules"] if r["target"] != "gate"]},
+        example_input=x[:1])
+    model.train()
+    full = saved_for_backward(model, x).bytes
+    with_gates = saved_for_backward(converted.train(), x).bytes
+    assert with_gates * 8 <= full
+    assert with_gates * 1.3 <= saved_for_backward(without_gates.train(), x).bytes
+    merged = surgeon.merge(converted)
+    assert type(merged) is type(model)

@@ -17,7 +17,8 @@ def test_shipped_recipes():
     for name in shipped:
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.rules
-    assert [r.target for r in load_recipe("quadranet-v2-s2a").rules] == ["depthwise_conv", "activation", "conv", "norm"]
+    assert [r.target for r in load_recipe("quadranet-v2-s2a").rules] == ["depthwise_conv", "activation", "conv", "norm",
+                                                                         "gate"]
 
 
 @pytest.mark.parametrize("data,field", [
