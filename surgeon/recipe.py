@@ -121,6 +121,7 @@ _LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
         "output_bits": (4, _bits),
         "group_size": (128, _group_size),
         "attention": (True, _bool),
+        "attention_input_bits": (32, _saved_bits),
     },
 }
 

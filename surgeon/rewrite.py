@@ -114,7 +114,8 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
         with graph.inserting_after(node):
             if op == "scaled_dot_product_attention":
                 new = graph.call_function(quantized_scaled_dot_product_attention, node.args,
-                                          {**node.kwargs, "bits": rule.option("output_bits")})
+                                          {**node.kwargs, "bits": rule.option("output_bits"),
+                                           "input_bits": rule.option("attention_input_bits")})
             else:
                 target = f"method:{node.target}" if node.op == "call_method" else FUNCTION_KEY_OF[node.target]
                 bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")

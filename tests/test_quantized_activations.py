@@ -133,13 +133,14 @@ def test_functional_and_method_forms(seeded):
         got.sum().backward()
 
 
-def test_attention_equivalent(seeded):
+@pytest.mark.parametrize("input_bits", [32, 8])
+def test_attention_equivalent(seeded, input_bits):
     q, k, v = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(3))
     grad = torch.randn(2, 3, 40, 16)
     for kwargs in ({}, {"is_causal": True}, {"attn_mask": torch.rand(40, 40) > 0.2}):
         want = F.scaled_dot_product_attention(q, k, v, **kwargs)
         want_grads = torch.autograd.grad(want, (q, k, v), grad)
-        got = quantized_scaled_dot_product_attention(q, k, v, **kwargs)
+        got = quantized_scaled_dot_product_attention(q, k, v, **kwargs, input_bits=input_bits)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         got_grads = torch.autograd.grad(got, (q, k, v), grad)
         for a, b in zip(got_grads, want_grads, strict=True):
@@ -147,3 +148,13 @@ def test_attention_equivalent(seeded):
         with torch.no_grad():
             assert torch.equal(quantized_scaled_dot_product_attention(q, k, v, **kwargs),
                                F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+
+def test_attention_8bit_inputs_keep_less(seeded):
+    q, k, v = (torch.randn(2, 3, 64, 32, requires_grad=True) for _ in range(3))
+
+    def kept(input_bits: int) -> int:
+        return saved_bytes(lambda _: quantized_scaled_dot_product_attention(q * 1.0, k * 1.0, v * 1.0,
+                                                                            input_bits=input_bits), q)
+
+    assert kept(8) * 2.5 <= kept(32)

@@ -3,7 +3,8 @@
 Fused ``F.scaled_dot_product_attention`` hides its softmax, so there is no site to quantize. This module
 provides an equivalent: without autograd it calls the fused op itself (bit-identical outputs); when a backward
 will follow it computes attention explicitly and keeps ``q``, ``k``, ``v`` and the probabilities quantized
-per row (plus a 1-bit dropout mask when dropout is active) - never the fp32 ``N x N`` matrix.
+per row (plus a 1-bit dropout mask when dropout is active) - never the fp32 ``N x N`` matrix. With
+``input_bits = 8`` the ``q``, ``k``, ``v`` kept for the backward are 8-bit per token and head as well.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Ten
 class _QuantizedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                dropout_p: float, scale: float, bits: int) -> torch.Tensor:
+                dropout_p: float, scale: float, bits: int, input_bits: int) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * scale
         if mask is not None:
             scores = scores + mask
@@ -52,12 +53,26 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         out = dropped @ v
         quantized = quantize_rows(probs.reshape(-1, probs.shape[-1]), bits, nonnegative=True)
         ctx.rows, ctx.width = quantized.rows, quantized.width
-        ctx.save_for_backward(q, k, v, *quantized.tensors(), *saved_mask)
+        ctx.input_bits, ctx.input_shapes, ctx.input_dtype = input_bits, (q.shape, k.shape, v.shape), q.dtype
+        if input_bits < 32:  # q, k, v kept per row (one token of one head) at input_bits
+            kept = [t for x in (q, k, v) for t in quantize_rows(x.detach().reshape(-1, x.shape[-1]),
+                                                                  input_bits).tensors()]
+        else:
+            kept = [q, k, v]
+        ctx.save_for_backward(*kept, *quantized.tensors(), *saved_mask)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, packed, offset, step, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if ctx.input_bits < 32:
+            q, k, v = (dequantize_rows(*saved[3 * i:3 * i + 3], shape[:-1].numel(), shape[-1], ctx.input_bits,
+                                       ctx.input_dtype).view(shape) for i, shape in enumerate(ctx.input_shapes))
+            saved = saved[9:]
+        else:
+            q, k, v = saved[:3]
+            saved = saved[3:]
+        packed, offset, step, *rest = saved
         probs = dequantize_rows(packed, offset, step, ctx.rows, ctx.width, ctx.bits, grad.dtype)
         probs = probs.view(ctx.probs_shape)
         dropped = probs
@@ -73,21 +88,22 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         grad_scores = grad_scores * ctx.scale
         grad_q = grad_scores @ k
         grad_k = grad_scores.transpose(-2, -1) @ q
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def quantized_scaled_dot_product_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-    *, bits: int = 4,
+    *, bits: int = 4, input_bits: int = 32,
 ) -> torch.Tensor:
     """Same signature and result as ``F.scaled_dot_product_attention``; low-bit probabilities for backward."""
     with inside_replacement():
-        return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
+        return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, input_bits)
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool, bits: int) -> torch.Tensor:
+               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool, bits: int,
+               input_bits: int) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     grouped = enable_gqa and query.shape[-3] != key.shape[-3]
     if not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad):
@@ -95,7 +111,7 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = _additive_mask(attn_mask, is_causal, query, key)
-    return _QuantizedAttentionFn.apply(query, key, value, mask, float(dropout_p), scale_value, bits)
+    return _QuantizedAttentionFn.apply(query, key, value, mask, float(dropout_p), scale_value, bits, input_bits)
 
 
 torch.fx.wrap("quantized_scaled_dot_product_attention")
