@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.census import take_census
 from surgeon.errors import SurgeonError
 from surgeon.plan import Plan
 from surgeon.recipe import Recipe, load_recipe
@@ -63,9 +62,8 @@ def convert(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input
     work = model if inplace else deep_copy(model)
     example = example_input if example_input is not None else default_input(work)
     analysis = _analyse(work, resolved, example)
-    census = take_census(work.eval(), example) if any(s.owner is not None for s in analysis.sites) else None
-    work.train(model.training)
-    observed = {key: record.arguments for key, record in census.modules.items()} if census else None
+    # how each owner was called (non-tensor arguments), from the census discovery already took
+    observed = {key: record.arguments for key, record in analysis.census.modules.items()}
     converted = apply_decisions(work, analysis, resolved, observed)
     set_trainable(converted, resolved)
     _check_complete(converted, resolved, example)

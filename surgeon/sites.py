@@ -96,7 +96,7 @@ class Site:
 class Analysis:
     sites: list[Site]
     trace_error: str | None
-    census_error: str | None
+    census: Census  # the run-time census the sites were found with (its error says why it is empty)
     warnings: list[str]
 
 
@@ -378,7 +378,7 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
                 if per_call and site.occurrence < len(calls):
                     site.input_shape = calls[site.occurrence % per_call].shape
                 site.calls = record.calls
-    return Analysis(sites=sites, trace_error=trace_error, census_error=census.error, warnings=warnings)
+    return Analysis(sites=sites, trace_error=trace_error, census=census, warnings=warnings)
 
 
 def _inside_surgeon_layer(path: str, modules_by_path: dict[str, nn.Module]) -> bool:
