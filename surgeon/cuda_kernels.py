@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from surgeon.layers.row_quantizer import is_channels_last
 from surgeon.resources import data_dir
 
 KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
@@ -88,7 +89,7 @@ def quadconv_arguments(layer: Any, x: torch.Tensor, channels_last: bool | None =
     if x.dtype not in _DTYPE_SUFFIX or layer.rank > MAX_RANK or max(layer.span) > MAX_SPAN:
         return None
     if channels_last is None:
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = is_channels_last(x)
     n, c, h, w = x.shape
     left, right, top, bottom = layer.pads(x)
     sh, sw = layer.span

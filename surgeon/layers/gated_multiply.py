@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
+from surgeon.layers.row_quantizer import dequantize_image, quantize_image
 
 
 def _is_gate_pair(x: torch.Tensor, gate: torch.Tensor) -> bool:
@@ -24,25 +24,17 @@ class _GatedMultiplyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gate: torch.Tensor, gate_first: bool, bits: int) -> torch.Tensor:
         y = gate * x if gate_first else x * gate
-        n, c, h, w = x.shape
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        rows = x.detach().permute(0, 2, 3, 1).reshape(n * h, w * c) if channels_last else x.detach().reshape(n * c,
-                                                                                                          h * w)
-        quantized = quantize_rows(rows, bits)
-        ctx.meta = (channels_last, x.shape, x.dtype, quantized.rows, quantized.width, bits)
-        ctx.save_for_backward(*quantized.tensors(), gate)
+        kept_x, ctx.layout = quantize_image(x, bits)
+        ctx.save_for_backward(*kept_x, gate)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        channels_last, shape, dtype, rows, width, bits = ctx.meta
         packed, offset, step, gate = ctx.saved_tensors
         grad_x = grad * gate if ctx.needs_input_grad[0] else None
         grad_gate = None
         if ctx.needs_input_grad[1]:
-            flat = dequantize_rows(packed, offset, step, rows, width, bits, dtype)
-            n, c, h, w = shape
-            x = flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
+            x = dequantize_image(packed, offset, step, ctx.layout)
             grad_gate = (grad * x).sum(dim=(2, 3), keepdim=True).to(gate.dtype)
         return grad_x, grad_gate, None, None
 

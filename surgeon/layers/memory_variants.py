@@ -60,7 +60,6 @@ class _InputFreeConvFn(torch.autograd.Function):
         ctx.conv, ctx.pads, ctx.input_shape = conv, pads, x.shape
         ctx.padded_shape = x.shape if pads is None else (*x.shape[:2], x.shape[2] + pads[2] + pads[3],
                                                           x.shape[3] + pads[0] + pads[1])
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ctx.has_bias = bias is not None
         ctx.save_for_backward(weight)
         return conv._surgeon_base_class.forward(conv, x)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
+from surgeon.layers.row_quantizer import dequantize_image, is_channels_last, quantize_image
 
 Pair = tuple[int, int]
 Pads = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
@@ -135,14 +135,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         kept = (a, b) if layer.keep_branches else ()
         ctx.compressed = None
         if layer.saved_input_bits < 32:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            # one scale per image row (NHWC: W*C values) or per channel plane (NCHW: H*W values): views, no copy
-            n, c, h, w = x.shape
-            rows = x.detach().permute(0, 2, 3, 1).reshape(n * h, w * c) if channels_last else \
-                x.detach().reshape(n * c, h * w)
-            quantized = quantize_rows(rows, layer.saved_input_bits)
-            ctx.compressed = (channels_last, x.shape, x.dtype, quantized.rows, quantized.width)
-            ctx.save_for_backward(*quantized.tensors(), weight, weight_a, weight_b, *kept)
+            kept_x, ctx.compressed = quantize_image(x, layer.saved_input_bits)
+            ctx.save_for_backward(*kept_x, weight, weight_a, weight_b, *kept)
         else:
             ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
         return primary + layer.reduce_rank(a * b)
@@ -152,17 +146,13 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         layer: QuadraticDepthwiseConv2d = ctx.layer
         if ctx.compressed is not None:
             packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
-            channels_last, shape, dtype, rows, width = ctx.compressed
-            flat = dequantize_rows(packed, offset, step, rows, width, layer.saved_input_bits, dtype)
-            n, c, h, w = shape
-            x = flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
+            x = dequantize_image(packed, offset, step, ctx.compressed)
         else:
             x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
         primary_call, call_a, call_b = ctx.calls
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
-        grad = grad.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else grad
+        grad = grad.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else grad
         if kept:
             a, b = kept
             xa = F.pad(x, call_a.pre_pads) if call_a.pre_pads is not None else x

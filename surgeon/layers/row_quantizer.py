@@ -70,3 +70,38 @@ def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     return flat.view(-1, group_size)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Stored NHWC (and not also plain contiguous, as 1x1 images are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """How a 4-D tensor was cut into quantization rows, so it can be put back in its own layout."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    channels_last: bool
+    rows: int
+    width: int
+    bits: int
+
+
+def quantize_image(x: torch.Tensor, bits: int) -> tuple[tuple[torch.Tensor, ...], ImageRows]:
+    """An ``[N, C, H, W]`` tensor at ``bits`` with one scale per image row (NHWC storage: ``W*C`` values) or
+    per channel plane (NCHW: ``H*W`` values) - both views of the storage, so nothing is copied before quantizing.
+    Returns the tensors to keep and the layout :func:`dequantize_image` needs."""
+    n, c, h, w = x.shape
+    channels_last = is_channels_last(x)
+    rows = x.detach().permute(0, 2, 3, 1).reshape(n * h, w * c) if channels_last else x.detach().reshape(n * c, h * w)
+    quantized = quantize_rows(rows, bits)
+    return quantized.tensors(), ImageRows(x.shape, x.dtype, channels_last, quantized.rows, quantized.width, bits)
+
+
+def dequantize_image(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, layout: ImageRows
+                     ) -> torch.Tensor:
+    flat = dequantize_rows(packed, offset, step, layout.rows, layout.width, layout.bits, layout.dtype)
+    n, c, h, w = layout.shape
+    return flat.view(n, h, w, c).permute(0, 3, 1, 2) if layout.channels_last else flat.view(layout.shape)
