@@ -67,6 +67,11 @@ def available() -> bool:
         return False
 
 
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor`` should go to the kernels: it is on a CUDA device and they can run."""
+    return tensor.is_cuda and available()
+
+
 @cache
 def _module(name: str) -> Any:
     import cupy

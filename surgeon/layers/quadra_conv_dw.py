@@ -135,11 +135,10 @@ class QuadraConvDW(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from surgeon import cuda_kernels
+        from surgeon import cuda_kernels
 
-            if cuda_kernels.available():
-                return cuda_kernels.quadratic_dwconv(self, x)
+        if cuda_kernels.usable(x):
+            return cuda_kernels.quadratic_dwconv(self, x)
         if self.branch_a is not None and self.branch_b is not None:
             return self.forward_atrous(x)
         return self.forward_dense(x)

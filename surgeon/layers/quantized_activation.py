@@ -52,28 +52,20 @@ def _mask_bounds(spec: ActivationSpec) -> tuple[float, float]:
     raise AssertionError(spec.op)
 
 
-def _use_kernels(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    from surgeon import cuda_kernels
-
-    return cuda_kernels.available()
-
-
 def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
     low, high = _mask_bounds(spec)
-    if _use_kernels(x):
-        from surgeon import cuda_kernels
+    from surgeon import cuda_kernels
 
+    if cuda_kernels.usable(x):
         return cuda_kernels.mask_pack(x, low, high)
     mask = x > low if high == math.inf else (x > low) & (x < high)
     return bitpack.pack(mask, 1)
 
 
 def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
-    if _use_kernels(x):
-        from surgeon import cuda_kernels
+    from surgeon import cuda_kernels
 
+    if cuda_kernels.usable(x):
         return cuda_kernels.codebook_pack(x, book, bits)
     return bitpack.pack(encode(x, book), bits)
 

@@ -40,19 +40,14 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     low = values.new_zeros(rows, 1) if nonnegative else values.amin(dim=1, keepdim=True)
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
     offset = values.new_zeros(0) if nonnegative else low
-    if matrix.is_cuda and _kernels_available():
-        from surgeon import cuda_kernels
+    from surgeon import cuda_kernels  # imported here: cuda_kernels itself imports this module
 
+    if cuda_kernels.usable(matrix):
         packed = cuda_kernels.rows_pack(matrix, None if nonnegative else low, step, bits)
         return QuantizedRows(packed, offset, step, rows, width, bits)
     codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
     return QuantizedRows(bitpack.pack(codes, bits), offset, step, rows, width, bits)
 
-
-def _kernels_available() -> bool:
-    from surgeon import cuda_kernels
-
-    return cuda_kernels.available()
 
 
 def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
