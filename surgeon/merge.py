@@ -25,6 +25,7 @@ from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation
 from surgeon.rewrite import original_of, set_submodule
+from surgeon.sites import norm_op
 
 FORMAT_MERGED = "merged"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,15 +83,9 @@ def _revert(module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]]) -> 
 
 
 def _batchnorm_kind(module: nn.Module) -> str | None:
-    if type(module) is nn.BatchNorm2d:
-        return "batchnorm"
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover
-        return None
-    if type(module) is BatchNormAct2d:
-        return "batchnorm_act"
-    return None
+    """``batchnorm`` / ``batchnorm_act`` for the norms a quadratic layer can absorb, else None."""
+    op = norm_op(module)
+    return op if op in ("batchnorm", "batchnorm_act") else None
 
 
 def _fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -147,7 +142,7 @@ def _apply_folds(model: nn.Module, folded: dict[str, str]) -> None:
 def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
           example_input: torch.Tensor | None = None) -> nn.Module:
     """Merged copy of a converted (and usually trained) model; the input model is not changed."""
-    from surgeon.api import default_input
+    from surgeon.api import default_input, output_difference
 
     info = getattr(model, "surgeon_info", None)
     if info is None:
@@ -157,30 +152,19 @@ def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
     _check_finite(model)
     merged = _revert(copy.deepcopy(model), {})
     merged.eval()
-    layers: dict[str, dict[str, Any]] = {}
-    for path, module in merged.named_modules(remove_duplicate=False):
-        if isinstance(module, QuadraConvDW):
-            entry = layers.setdefault(str(id(module)), {"path": path, "aliases": [], **module.geometry()})
-            entry["aliases"].append(path)
     folded: dict[str, str] = {}
     if fold_bn:
         for conv_path, bn_path in _fold_pairs(merged):
             bn = merged.get_submodule(bn_path)
             fold_batchnorm(merged.get_submodule(conv_path), bn)
             folded[bn_path] = _batchnorm_kind(bn) or "batchnorm"
-            layers_by_path = {entry["path"]: entry for entry in layers.values()}
-            layers_by_path[conv_path]["bias"] = True
         _apply_folds(merged, folded)
+    layers: dict[int, dict[str, Any]] = {}  # one entry per layer object, listing every path it has
+    for path, module in merged.named_modules(remove_duplicate=False):
+        if isinstance(module, QuadraConvDW):
+            layers.setdefault(id(module), {"path": path, "aliases": [], **module.geometry()})["aliases"].append(path)
     example = example_input if example_input is not None else default_input(model, batch=2)
-    reference_mode = model.training
-    model.eval()
-    with torch.no_grad():
-        want = model(example)
-        got = merged(example)
-    model.train(reference_mode)
-    diff = (want.float() - got.float()).abs().max().item()
-    scale = want.float().abs().max().item()
-    verification = {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / scale if scale else diff}
+    verification = output_difference(model, merged, example)
     if dtype != "fp32":
         merged = merged.to(DTYPES[dtype])
     merged.requires_grad_(False)

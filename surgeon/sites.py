@@ -14,6 +14,7 @@ Each site ends up with an action: ``swap``, ``skip`` (a rule or option excludes 
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 from collections import defaultdict
@@ -43,15 +44,16 @@ from surgeon.recipe import Recipe, Rule, match_pattern
 from surgeon.tracing import trace_model, trace_owner
 
 
-def _conv2d_same_type() -> type | None:
+def _timm_class(module: str, name: str) -> type | None:
+    """A timm layer class, or None if this timm does not have it."""
     try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:  # pragma: no cover
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pragma: no cover
         return None
-    return Conv2dSame
 
 
-CONV2D_SAME = _conv2d_same_type()
+CONV2D_SAME = _timm_class("timm.layers.conv2d_same", "Conv2dSame")
+BATCHNORM_ACT = _timm_class("timm.layers", "BatchNormAct2d")
 
 
 @dataclass
@@ -107,17 +109,6 @@ def functional_site_path(owner: str, op: str, occurrence: int) -> str:
 def is_depthwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.Conv2d) and module.groups > 1
             and module.groups == module.in_channels == module.out_channels)
-
-
-def _batchnorm_act_type() -> type | None:
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover
-        return None
-    return BatchNormAct2d
-
-
-BATCHNORM_ACT = _batchnorm_act_type()
 
 
 def norm_op(module: nn.Module) -> str | None:
