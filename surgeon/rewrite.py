@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.layers.activation_ops import FUNCTION_KEY_OF
+from surgeon.layers.activation_ops import FUNCTION_KEY_OF, ActivationSpec
 from surgeon.layers.gated_multiply import gated_multiply
 from surgeon.layers.memory_variants import (
     FrozenBatchNorm,
@@ -85,8 +85,13 @@ def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module
             keep_branches=rule.option("keep_branches"), b_init_std=rule.option("b_init_std"),
             train_bias=rule.option("train_bias"), saved_input_bits=rule.option("saved_input_bits"))
     assert site.spec is not None
-    bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
-    return QuantizedActivation(original, site.spec, bits=bits, group_size=rule.option("group_size"))
+    return QuantizedActivation(original, site.spec, bits=activation_bits(rule, site.spec),
+                               group_size=rule.option("group_size"))
+
+
+def activation_bits(rule: Rule, spec: ActivationSpec) -> int:
+    """The rule's bit-width for what this activation keeps (its output, or its input's derivative code)."""
+    return rule.option("output_bits") if spec.family == "output" else rule.option("bits")
 
 
 def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe: Recipe,
@@ -118,7 +123,7 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
                                            "input_bits": rule.option("attention_input_bits")})
             else:
                 target = f"method:{node.target}" if node.op == "call_method" else FUNCTION_KEY_OF[node.target]
-                bits = rule.option("output_bits") if site.spec.family == "output" else rule.option("bits")
+                bits = activation_bits(rule, site.spec)
                 prepare(site.spec, bits)
                 new = graph.call_function(
                     quantized_call,

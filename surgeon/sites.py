@@ -191,25 +191,23 @@ def _estimate_frozen(site: Site, rule: Rule) -> None:
 
 
 def _estimate_activation(site: Site, rule: Rule) -> None:
+    """Bytes kept before (the fp32 input or output) and after (packed codes plus per-row/group scales).
+
+    Fused attention is left at 0/0: what the fused kernel keeps is not visible from the site."""
+    spec = site.spec
+    if spec is None or spec.family == "attention":
+        return
     numel = _numel(site.input_shape)
     site.saved_bytes_before = numel * 4
-    spec = site.spec
-    if spec is None:
-        return
     if spec.family == "mask":
         bits, overhead = 1, 0
     elif spec.family == "derivative":
         bits, overhead = rule.option("bits"), 0
-    else:
-        bits = rule.option("output_bits")
-        width = site.input_shape[-1] if site.input_shape else 1
-        groups = numel // max(width, 1) if spec.family in ("attention",) or spec.op == "softmax" else \
-            math.ceil(numel / rule.option("group_size"))
-        overhead = (4 if spec.op == "softmax" else 8) * groups
-    if spec.family == "attention":
-        site.saved_bytes_before = 0
-        site.saved_bytes_after = 0
-        return
+    elif spec.op == "softmax":  # one step per row along the softmax dim
+        width = site.input_shape[spec.param("dim")] if site.input_shape else 1
+        bits, overhead = rule.option("output_bits"), 4 * (numel // max(width, 1))
+    else:  # min and step per group
+        bits, overhead = rule.option("output_bits"), 8 * math.ceil(numel / rule.option("group_size"))
     site.saved_bytes_after = math.ceil(numel * bits / 8) + overhead
 
 
