@@ -125,21 +125,16 @@ def resolve_directory(location: str | Path, revision: str | None = None, token: 
     text = str(location)
     if text.startswith("hf-hub:"):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError
 
-        from surgeon.hub import hub_cache, hub_endpoint, offline
+        from surgeon.hub import download_error, hub_cache, hub_endpoint, offline
 
         repo_id = text[len("hf-hub:"):]
         try:
             return Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=hub_endpoint(),
                                           cache_dir=hub_cache(), local_files_only=offline()))
-        except LocalEntryNotFoundError as exc:
-            raise CheckpointError(f"{text}: not in the local cache and the Hub cannot be reached "
-                                  "(network down or HF_HUB_OFFLINE=1); connect or download it first") from exc
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            from surgeon.hub import _explain
-
-            raise CheckpointError(str(_explain(exc, "cannot download", text))) from exc
+        except (HfHubHTTPError, OSError, ValueError) as exc:  # LocalEntryNotFoundError is an OSError too
+            raise download_error(exc, text) from exc
     if text.startswith("local-dir:"):
         text = text[len("local-dir:"):]
     path = Path(text)

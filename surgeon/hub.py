@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import CheckpointError, SurgeonError
 
 TAGS = ["timm", "image-classification", "surgeon", "quadranet-v2", "s2a"]
 
@@ -46,6 +46,17 @@ def hub_cache() -> str | None:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def download_error(exc: Exception, source: str) -> CheckpointError:
+    """One line for a failed download of ``source`` (``hf-hub:org/name``): not cached while offline, or why the
+    Hub refused."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return CheckpointError(f"{source}: not in the local cache and the Hub cannot be reached (network down or "
+                               "HF_HUB_OFFLINE=1); connect or download it first")
+    return CheckpointError(str(_explain(exc, "cannot download", source)))
 
 
 def _explain(exc: Exception, action: str, repo_id: str) -> HubError:

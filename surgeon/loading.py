@@ -117,22 +117,17 @@ def from_directory(directory: str | Path, strict: bool = True) -> LoadedModel:
 
 def from_hub(repo_id: str, revision: str | None = None, token: str | None = None) -> LoadedModel:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-    from surgeon.hub import hub_cache, hub_endpoint, offline
+    from surgeon.hub import download_error, hub_cache, hub_endpoint, offline
 
     try:
         config_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=hub_endpoint(),
                                       cache_dir=hub_cache(), local_files_only=offline())
     except EntryNotFoundError as exc:
         raise CheckpointError(f"hf-hub:{repo_id}: repository has no {CONFIG_NAME}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise CheckpointError(f"hf-hub:{repo_id}: not in the local cache and the Hub cannot be reached "
-                              "(network down or HF_HUB_OFFLINE=1); connect or download it first") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        from surgeon.hub import _explain
-
-        raise CheckpointError(str(_explain(exc, "cannot download", f"hf-hub:{repo_id}"))) from exc
+        raise download_error(exc, f"hf-hub:{repo_id}") from exc
     config = json.loads(Path(config_file).read_text(encoding="utf-8"))
     if "surgeon" in config:
         from surgeon.artifacts import load
