@@ -216,7 +216,7 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
                 if isinstance(norm, nn.modules.batchnorm._BatchNorm):
                     norm.eval()
         started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        bar = _progress_bar(show_bar, steps_per_epoch, epoch, opts.epochs)
+        bar = _Bar(steps_per_epoch, epoch, opts.epochs) if show_bar else None
         for images, targets in train_loader:
             images, targets = images.to(device), targets.to(device)
             if opts.channels_last:
@@ -287,6 +287,3 @@ class _Bar:
     def close(self) -> None:
         self.progress.stop()
 
-
-def _progress_bar(show: bool, total: int, epoch: int, epochs: int) -> _Bar | None:
-    return _Bar(total, epoch, epochs) if show else None

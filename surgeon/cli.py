@@ -186,10 +186,11 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     torch.manual_seed(seed)  # same on every rank: a reset head starts identical everywhere
     random.seed(seed)
 
+    log_console = stderr if json_output else stdout  # with --json, stdout carries only the JSON document
+
     def say(line: str) -> None:
         if rank == 0:
-            stderr.print(line, markup=False, highlight=False) if json_output else \
-                stdout.print(line, markup=False, highlight=False)
+            log_console.print(line, markup=False, highlight=False)
 
     if out.exists() and not (resume or force):
         raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
