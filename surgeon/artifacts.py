@@ -20,6 +20,7 @@ from torch import nn
 from surgeon.atomic import staged_directory
 from surgeon.checkpoint import fit_state_dict, read_state_dict, sha256_file
 from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.memory_format import apply_memory_format, model_memory_format
 from surgeon.recipe import parse_recipe
 
 WEIGHTS_NAME = "model.safetensors"
@@ -86,6 +87,7 @@ def write_artifact(model: nn.Module, directory: str | Path, config: dict[str, An
         weights = staging / WEIGHTS_NAME
         save_file(unique_state_dict(model), str(weights), metadata={"format": "pt"})
         config["surgeon"]["weights_file"] = WEIGHTS_NAME
+        config["surgeon"]["memory_format"] = model_memory_format(model)
         config["surgeon"]["weights_sha256"] = sha256_file(weights)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in (extra_files or {}).items():
@@ -192,14 +194,17 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
         return load_merged(directory, config, weights, model)
     if section.get("format") != FORMAT_CONVERTED:
         raise CheckpointError(f"{directory}: unknown artifact format {section.get('format')!r}")
-    base = model if model is not None else build_base(config, directory)
     recipe = parse_recipe(section["recipe"], source=f"{directory / CONFIG_NAME} recipe")
     shape = section.get("example_input_shape") or None
-    example = torch.randn(*shape) if shape else None
-    converted = convert(base.eval(), recipe, example_input=example, inplace=True, base={
-        "architecture": config.get("architecture"), "source": section.get("base_model"),
-        "class": section.get("base_class"), "model_args": config.get("model_args") or {},
-        "example_input_shape": shape})
+    # rebuilding draws random initial weights that the saved ones then replace: the caller's RNG stream must not
+    # move because a model was loaded
+    with torch.random.fork_rng(devices=[]):
+        base = model if model is not None else build_base(config, directory)
+        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) if shape else None
+        converted = convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={
+            "architecture": config.get("architecture"), "source": section.get("base_model"),
+            "class": section.get("base_class"), "model_args": config.get("model_args") or {},
+            "example_input_shape": shape})
     state = restore_aliases(converted, read_state_dict(weights))
     fit_state_dict(converted, state, str(weights), strict=True)
     if section.get("metrics"):
@@ -208,4 +213,4 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
     if trainable:
         for name, param in converted.named_parameters():
             param.requires_grad_(name in trainable)
-    return converted.eval()
+    return apply_memory_format(converted, section.get("memory_format")).eval()

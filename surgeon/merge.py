@@ -24,6 +24,7 @@ from surgeon.layers.memory_variants import fold_linear_delta, revert_variant
 from surgeon.layers.quadra_conv_dw import QuadraConvDW
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation
+from surgeon.memory_format import apply_memory_format
 from surgeon.rewrite import original_of, set_submodule
 from surgeon.sites import norm_op
 
@@ -222,6 +223,7 @@ def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: n
         if isinstance(module, QuadraConvDW):
             module.check_patterns()
     base.requires_grad_(False)
+    apply_memory_format(base, section.get("memory_format"))
     base.surgeon_merge = MergeInfo(base={"architecture": config.get("architecture"),
                                          "source": section.get("base_model"), "class": section.get("base_class"),
                                          "model_args": config.get("model_args") or {}},
