@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from surgeon.errors import RecipeError
 from surgeon.layers.activation_ops import DERIVATIVE_OPS, MASK_OPS, OUTPUT_OPS

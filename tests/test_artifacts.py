@@ -103,3 +103,38 @@ def test_weights_files_and_key_errors(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="refused"):
         surgeon.load_model(str(tmp_path / "evil.pth"), arch="resnet18")
+
+
+def stem_model() -> nn.Module:
+    """A model whose first 4-D weight tells NHWC from NCHW (a depthwise [C, 1, k, k] kernel is both)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GELU(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_reloaded_model_keeps_the_memory_format_it_was_saved_in(tmp_path, layout):
+    torch.manual_seed(0)
+    converted = trained(surgeon.convert(stem_model().eval(), "quadranet-v2-s2a",
+                                        example_input=torch.randn(1, 3, 6, 6)))
+    converted.to(memory_format=layout)  # what adapt leaves behind with channels_last=True
+    surgeon.save(converted, tmp_path / "art")
+    loaded = surgeon.load(tmp_path / "art", model=stem_model())
+    merged = surgeon.merge(converted, example_input=torch.randn(2, 3, 6, 6))
+    surgeon.save_merged(merged, tmp_path / "merged")
+    merged_loaded = surgeon.load(tmp_path / "merged", model=stem_model())
+    for model in (loaded, merged_loaded):
+        assert model[0].weight.is_contiguous(memory_format=layout)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():  # same weights, same layout, same input: the same kernels run, so equal by construction
+        assert torch.equal(loaded(x), converted.eval()(x))
+        assert torch.equal(merged_loaded(x), merged(x))
+
+
+def test_loading_leaves_the_callers_random_stream_alone(tmp_path):
+    torch.manual_seed(0)
+    surgeon.save(surgeon.convert(stem_model().eval(), example_input=torch.randn(1, 3, 6, 6)), tmp_path / "art")
+    base = stem_model()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    surgeon.load(tmp_path / "art", model=base)
+    assert torch.equal(torch.get_rng_state(), state)
