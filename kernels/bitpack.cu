@@ -42,8 +42,9 @@ extern "C" __global__ void unpack_codes(const unsigned char* packed, unsigned ch
 template <typename T>
 __device__ __forceinline__ void mask_pack(const T* x, float low, float high, unsigned char* out, long long n) {
     pack_codes_of([=](long long i) {
+        // low < v < high, where a high above every finite float is no bound (+inf passes); NaN gives 0
         const float v = load_f(x, i);
-        return (unsigned int)(v > low && v < high);
+        return (unsigned int)(v > low && (v < high || high > SURGEON_FLT_MAX));
     }, out, n, 1);
 }
 
@@ -57,7 +58,8 @@ __device__ __forceinline__ void codebook_pack(const T* x, float low, float step,
 template <typename T>
 __device__ __forceinline__ void rows_pack(const T* x, const float* low, const float* step, long long width,
                                           unsigned char* out, long long n, int bits) {
-    // per-row affine codes: round((x - low[row]) / step[row]) clamped to [0, 2^bits - 1]; low may be null (0)
+    // per-row affine codes: round((x - low[row]) / step[row]) clamped to [0, 2^bits - 1]; low may be null (0).
+    // +inf saturates at the top code; -inf and NaN give code 0 (fmaxf returns its non-NaN operand)
     const float levels = (float)((1 << bits) - 1);
     pack_codes_of([=](long long i) {
         const long long row = i / width;

@@ -15,6 +15,9 @@ __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] =
 __device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// The largest finite float: an upper bound above it means "no upper bound" (ReLU's mask passes +inf).
+#define SURGEON_FLT_MAX 3.402823466e+38f
+
 #define SURGEON_GRID_STRIDE_LOOP(index, total)                                                        \
     for (long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x; index < (total);          \
          index += (long long)blockDim.x * gridDim.x)

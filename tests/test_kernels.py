@@ -206,3 +206,47 @@ def test_rows_pack_kernel(harness, nonnegative):
     harness.launch_rows_pack_f32(ctypes.c_uint(5), ctypes.c_uint(64), ptr(rows), low, ptr(q.step),
                                  ctypes.c_longlong(50), ptr(out), ctypes.c_longlong(rows.numel()), ctypes.c_int(4))
     assert torch.equal(out, q.packed)
+
+
+NON_FINITE = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, 6.0, 3.0, -1.0, 7.0])
+
+
+@pytest.mark.parametrize("op,expected", [("relu", [1, 0, 0, 0, 1, 1, 0, 1]), ("relu6", [0, 0, 0, 0, 0, 1, 0, 0])])
+def test_mask_of_non_finite_inputs_is_the_same_on_both_routes(harness, op, expected):
+    from surgeon.layers.activation_ops import ActivationSpec
+    from surgeon.layers.quantized_activation import _mask_bounds, pack_mask
+
+    spec = ActivationSpec(op, ())
+    low, high = _mask_bounds(spec)
+    x = NON_FINITE.repeat(5)
+    cpu = pack_mask(x, spec)
+    kernel = torch.zeros_like(cpu)
+    harness.launch_mask_pack_f32(ctypes.c_uint(2), ctypes.c_uint(8), ptr(x), ctypes.c_float(low),
+                                 ctypes.c_float(high), ptr(kernel), ctypes.c_longlong(x.numel()))
+    assert torch.equal(kernel, cpu)
+    assert bitpack.unpack(cpu, 1, 8).tolist() == expected  # ReLU passes +inf (torch's own backward does too)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_rows_with_non_finite_values_stay_finite_on_both_routes(harness, nonnegative):
+    from surgeon.layers.row_quantizer import dequantize_rows
+
+    torch.manual_seed(0)
+    rows = torch.rand(6, 16) if nonnegative else torch.randn(6, 16)
+    rows[1, 3], rows[2, 0], rows[2, 5], rows[3, 7] = float("inf"), float("nan"), -float("inf"), float("nan")
+    rows[4] = float("nan")  # a row with no finite value at all
+    q = quantize_rows(rows, 4, nonnegative=nonnegative)
+    assert torch.isfinite(q.step).all() and torch.isfinite(q.offset).all()
+    out = torch.zeros_like(q.packed)
+    low = ctypes.c_void_p(None) if nonnegative else ptr(q.offset)
+    harness.launch_rows_pack_f32(ctypes.c_uint(3), ctypes.c_uint(16), ptr(rows), low, ptr(q.step),
+                                 ctypes.c_longlong(16), ptr(out), ctypes.c_longlong(rows.numel()), ctypes.c_int(4))
+    assert torch.equal(out, q.packed)
+    back = dequantize_rows(*q.tensors(), 6, 16, 4, torch.float32)
+    assert torch.isfinite(back).all()
+    finite = torch.isfinite(rows)
+    assert ((back - rows).abs()[finite] <= q.step.expand_as(rows)[finite] / 2 + 1e-6).all()
+    row_max = rows.masked_fill(~finite, -float("inf")).amax(1)
+    assert back[1, 3] == pytest.approx(row_max[1].item(), abs=q.step[1].item() / 2)  # +inf saturates at the top
+    bottom = 0.0 if nonnegative else rows[2][finite[2]].min().item()
+    assert back[2, 0] == pytest.approx(bottom, abs=1e-6) and back[2, 5] == pytest.approx(bottom, abs=1e-6)

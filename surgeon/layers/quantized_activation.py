@@ -53,6 +53,8 @@ def _mask_bounds(spec: ActivationSpec) -> tuple[float, float]:
 
 
 def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    """1-bit ``low < x < high``: ±inf follow the derivative's limit (ReLU passes +inf, ReLU6 blocks it), NaN
+    blocks the gradient. The CUDA kernel computes the same bits."""
     low, high = _mask_bounds(spec)
     from surgeon import cuda_kernels
 

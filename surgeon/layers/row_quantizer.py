@@ -7,6 +7,7 @@ minimum and step, stored in fp32 beside the bit-packed codes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,17 @@ class QuantizedRows:
 def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) -> QuantizedRows:
     """Quantize every row of a 2-D tensor to ``2**bits`` levels between its min and max (round to nearest).
 
-    ``nonnegative`` rows (probabilities) use 0 as the lower end and store no offset."""
+    ``nonnegative`` rows (probabilities) use 0 as the lower end and store no offset. Non-finite values do not
+    spoil their row: the range is that of the row's finite values, +inf saturates at the top code, -inf and NaN
+    take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way)."""
     rows, width = matrix.shape
     levels = 2**bits - 1
     values = matrix.float()
     high = values.amax(dim=1, keepdim=True)
     low = values.new_zeros(rows, 1) if nonnegative else values.amin(dim=1, keepdim=True)
+    spoiled = not bool(torch.isfinite(high).all() and torch.isfinite(low).all())
+    if spoiled:
+        values, low, high = _finite_range(values, nonnegative)
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
     offset = values.new_zeros(0) if nonnegative else low
     from surgeon import cuda_kernels  # imported here: cuda_kernels itself imports this module
@@ -48,6 +54,18 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
     return QuantizedRows(bitpack.pack(codes, bits), offset, step, rows, width, bits)
 
+
+def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row ends over finite values only (0 for a row with none), and the values with NaN sent to -inf so they
+    clamp to code 0. Only runs when a row holds a non-finite value."""
+    finite = torch.isfinite(values)
+    high = values.masked_fill(~finite, -math.inf).amax(dim=1, keepdim=True)
+    low = values.new_zeros(values.shape[0], 1) if nonnegative else \
+        values.masked_fill(~finite, math.inf).amin(dim=1, keepdim=True)
+    empty = ~finite.any(dim=1, keepdim=True)
+    high = high.masked_fill(empty, 0.0)
+    low = low.masked_fill(empty, 0.0)
+    return values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf), low, high
 
 
 def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
