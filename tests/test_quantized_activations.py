@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -128,9 +130,14 @@ def test_functional_and_method_forms(seeded):
         ("method:sigmoid", "sigmoid", (), (), lambda t: t.sigmoid()),
     ]:
         kwargs = {"approximate": "tanh"} if op == "gelu" else {}
+        grad = torch.randn(2, 5, 7)
         got = quantized_call(x, target, op, params, 4, 128, *args, **kwargs)
-        assert torch.equal(got, reference(x))
-        got.sum().backward()
+        want = reference(x)
+        assert torch.equal(got, want)
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+        (want_grad,) = torch.autograd.grad(want, x, grad)
+        assert cosine(got_grad, want_grad) >= 0.98, op
+        assert not torch.equal(got_grad, want_grad), op  # the quantized backward ran, not torch's own
 
 
 @pytest.mark.parametrize("input_bits", [32, 8])
@@ -158,3 +165,33 @@ def test_attention_8bit_inputs_keep_less(seeded):
                                                                             input_bits=input_bits), q)
 
     assert kept(8) * 2.5 <= kept(32)
+
+
+def _attention_pair(q, k, v, grad, **kwargs):
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    got = quantized_scaled_dot_product_attention(q, k, v, **kwargs)
+    return (want, *torch.autograd.grad(want, (q, k, v), grad)), (got, *torch.autograd.grad(got, (q, k, v), grad))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_attention_fully_masked_rows_match_the_fused_op(seeded, mask_kind):
+    q, k, v = (torch.randn(2, 3, 10, 16, requires_grad=True) for _ in range(3))
+    keep = torch.rand(10, 10) > 0.3
+    keep[4] = False  # query 4 may attend to nothing
+    mask = keep if mask_kind == "bool" else torch.zeros(10, 10).masked_fill(~keep, -math.inf)
+    want, got = _attention_pair(q, k, v, torch.randn(2, 3, 10, 16), attn_mask=mask)
+    for a, b in zip(want, got, strict=True):
+        assert torch.isfinite(b).all()
+    assert torch.equal(got[0][..., 4, :], torch.zeros_like(got[0][..., 4, :]))
+    assert torch.equal(got[1][..., 4, :], want[1][..., 4, :])  # no gradient reaches the dead query
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_fp16_scores_that_overflow_unscaled_match_the_fused_op(seeded):
+    # q·k is ~1e5 here, beyond fp16's 65504; scaled by 1/sqrt(64) it fits
+    q, k = ((torch.randn(1, 2, 6, 64) * 2 + 40).half().requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 6, 64).half().requires_grad_()
+    want, got = _attention_pair(q, k, v, torch.randn(1, 2, 6, 64).half())
+    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1:])
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)
+    assert cosine(want[3].float(), got[3].float()) >= 0.99  # value gradient (q, k ones are ~1e-6 here)

@@ -39,10 +39,16 @@ class _QuantizedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 dropout_p: float, scale: float, bits: int, input_bits: int) -> torch.Tensor:
-        scores = (q @ k.transpose(-2, -1)) * scale
+        root = math.sqrt(scale)  # scale both factors, as torch's math route does: q @ k.T alone can overflow fp16
+        scores = (q * root) @ (k * root).transpose(-2, -1)
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
+        if mask is not None:
+            # a query that may attend to nothing gets zeros (output and gradients), as the fused op returns
+            dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
+            if bool(dead.any()):
+                probs = probs.masked_fill(dead, 0.0)
         ctx.probs_shape, ctx.bits, ctx.scale, ctx.dropout_p = probs.shape, bits, scale, dropout_p
         dropped = probs
         saved_mask: tuple[torch.Tensor, ...] = ()
