@@ -39,15 +39,51 @@ _ROOT_ATTRIBUTES = ("pretrained_cfg", "default_cfg", "num_classes", "num_feature
 
 class RewrittenModule(torch.fx.GraphModule):
     """A module whose own forward was rewritten. It remembers the module it was traced from (``merge`` puts that
-    back) and, unlike a plain GraphModule, keeps that and ``surgeon_info`` through ``copy.deepcopy``."""
+    back) and, unlike a plain GraphModule, keeps that and ``surgeon_info`` through ``copy.deepcopy``.
 
-    _kept_attributes = ("_surgeon_original", "surgeon_info")
+    Tracing fixes every Python branch at its traced value, ``self.training`` included (timm's attention passes
+    ``dropout_p = p if self.training else 0.``). So the owner is traced in both modes; when the two graphs
+    differ, the eval graph is kept beside the training one and ``forward`` follows ``self.training`` as the
+    original module's forward did."""
+
+    _kept_attributes = ("_surgeon_original", "surgeon_info", "_surgeon_eval_graph")
+
+    def set_eval_graph(self, graph: torch.fx.Graph) -> None:
+        """Run ``graph`` instead of ``self.graph`` while the module is in eval mode."""
+        object.__setattr__(self, "_surgeon_eval_graph", graph)
+        self.recompile()
+
+    def recompile(self) -> Any:
+        result = super().recompile()
+        eval_graph = self.__dict__.get("_surgeon_eval_graph")
+        if eval_graph is not None:
+            train_forward = type(self).forward
+            eval_forward = self._forward_of(eval_graph)
+
+            def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return (train_forward if module.training else eval_forward)(module, *args, **kwargs)
+
+            type(self).forward = forward  # GraphModule gives every instance a class of its own
+        return result
+
+    def _forward_of(self, graph: torch.fx.Graph) -> Any:
+        """The generated forward function of ``graph``; it is called with this module as ``self``, so it always
+        sees the module's current children."""
+        compiled = torch.fx.GraphModule(self, graph)
+        for node in graph.nodes:
+            if node.op == "get_attr" and not hasattr(self, node.target):
+                if "." in node.target:
+                    raise SurgeonError(f"internal: eval-mode graph reads a nested attribute {node.target!r}")
+                self.__dict__[node.target] = getattr(compiled, node.target)
+        return type(compiled).forward
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RewrittenModule:
         copied = super().__deepcopy__(memo)
         for name in self._kept_attributes:
             if name in self.__dict__:
                 object.__setattr__(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        if "_surgeon_eval_graph" in self.__dict__:
+            copied.recompile()
         return copied
 
 
@@ -94,9 +130,32 @@ def activation_bits(rule: Rule, spec: ActivationSpec) -> int:
     return rule.option("output_bits") if spec.family == "output" else rule.option("bits")
 
 
+def _trace_in_mode(owner: nn.Module, training: bool, observed: dict[str, Any] | None) -> torch.fx.Graph:
+    """The owner's graph with ``self.training`` (and every branch on it) at ``training``; modes are restored."""
+    modes = [(module, module.training) for module in owner.modules()]
+    owner.train(training)
+    try:
+        return trace_owner(owner, observed)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe: Recipe,
                    observed: dict[str, Any] | None) -> RewrittenModule:
-    graph = trace_owner(owner, observed)
+    graphs = {mode: _rewrite_graph(_trace_in_mode(owner, mode, observed), owner, owner_path, sites, recipe)
+              for mode in (True, False)}
+    rewritten = RewrittenModule(owner, graphs[True], class_name=type(owner).__name__)
+    _carry_over_state(owner, rewritten)
+    if graphs[False].python_code("self").src != rewritten.code:
+        rewritten.set_eval_graph(graphs[False])
+    object.__setattr__(rewritten, "_surgeon_original", owner)  # not registered: no duplicate state_dict keys
+    return rewritten
+
+
+def _rewrite_graph(graph: torch.fx.Graph, owner: nn.Module, owner_path: str, sites: list[Site],
+                   recipe: Recipe) -> torch.fx.Graph:
+    """Replace each site's node in one traced graph of ``owner``."""
     wanted = {(s.op, s.occurrence): s for s in sites}
     done = set()
     for node, _, occurrence, gate_index in gate_nodes(graph, owner, owner_path):
@@ -136,10 +195,7 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
     if missing:
         raise SurgeonError(f"internal: sites {sorted(missing)} of {owner_path or '<root>'} vanished on re-trace")
     graph.lint()
-    rewritten = RewrittenModule(owner, graph, class_name=type(owner).__name__)
-    _carry_over_state(owner, rewritten)
-    object.__setattr__(rewritten, "_surgeon_original", owner)  # not registered: no duplicate state_dict keys
-    return rewritten
+    return graph
 
 
 def _carry_over_state(original: nn.Module, rewritten: nn.Module) -> None:

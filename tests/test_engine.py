@@ -207,3 +207,47 @@ def test_inplace_activation_keeps_aliasing():
     assert torch.equal(out, x.relu())
     out.sum().backward()
     assert torch.equal(x.grad, (x > 0).float())
+
+
+class TrainingBranches(nn.Module):
+    """Python branches on ``self.training`` inside a rewritten owner, as timm's attention has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.dw(self.stem(x)))
+        x = F.dropout(x, 0.5, self.training)
+        tokens = x.flatten(2).transpose(1, 2).reshape(x.shape[0], 1, -1, 8)
+        tokens = F.scaled_dot_product_attention(tokens, tokens, tokens, dropout_p=0.5 if self.training else 0.0)
+        return self.head(tokens.mean((1, 2)))
+
+
+@pytest.mark.parametrize("converted_in", ["eval", "train"])
+def test_training_branches_follow_the_mode_after_conversion_and_reload(tmp_path, converted_in):
+    torch.manual_seed(0)
+    base = TrainingBranches().train(converted_in == "train")
+    converted = surgeon.convert(base, "quadranet-v2-s2a", example_input=torch.randn(1, 3, 6, 6))
+    surgeon.save(converted, tmp_path / "art")
+    reloaded = surgeon.load(tmp_path / "art", model=TrainingBranches())
+    x = torch.randn(2, 3, 6, 6)
+    base.eval()
+    with torch.no_grad():
+        for model in (converted, reloaded):  # eval: exact, no dropout
+            assert torch.equal(model.eval()(x), base(x))
+    outputs = {}
+    for name, model in (("converted", converted), ("reloaded", reloaded)):
+        model.train()
+        torch.manual_seed(7)
+        outputs[name] = model(x)
+    assert torch.equal(outputs["converted"], outputs["reloaded"])  # the reloaded model trains as the saved one
+    with torch.no_grad():
+        assert not torch.allclose(outputs["converted"], converted.eval()(x))  # dropout is live in training
+    with torch.no_grad():  # without autograd the converted model calls the very same ops as the original
+        torch.manual_seed(7)
+        want = base.train()(x)
+        torch.manual_seed(7)
+        assert torch.equal(converted.train()(x), want)
