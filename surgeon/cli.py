@@ -251,15 +251,19 @@ def merge(directory: Annotated[str, typer.Argument(help="Converted (trained) mod
         merged = surgeon.merge(model, fold_bn=fold_bn, dtype=dtype)
         surgeon.save_merged(merged, out, force=force)
     info = merged.surgeon_merge
+    candidates = len(info.folded) + len(info.unfolded)
     report = {"schema": "surgeon.merge/1", "source": directory, "out": str(out), "quadratic_layers": len(info.layers),
-              "folded_batchnorm": sorted(info.folded), "dtype": dtype, "verification": info.verification}
+              "folded_batchnorm": sorted(info.folded), "fold_candidates": candidates if fold_bn else 0,
+              "unfolded_batchnorm": info.unfolded, "dtype": dtype, "verification": info.verification}
     if json_output:
         print(json.dumps(report, indent=2))
         return
     check = info.verification
     stdout.print(f"merged {len(info.layers)} quadratic layers"
-                 + (f", folded {len(info.folded)} BatchNorms" if fold_bn else "") + f" ({dtype}) into {out}",
-                 markup=False)
+                 + (f", folded {len(info.folded)} of {candidates} BatchNorm candidates" if fold_bn else "")
+                 + f" ({dtype}) into {out}", markup=False)
+    for path, reason in info.unfolded.items():
+        stdout.print(f"  not folded after {path}: {reason}", markup=False)
     stdout.print(f"verification (fp32, eval, batch 2): merged vs unmerged max |Δ| = {check['max_abs_diff']:.3g} "
                  f"(relative {check['relative']:.3g})", markup=False)
 

@@ -40,6 +40,7 @@ class MergeInfo:
     recipe: dict[str, Any]
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> geometry (+ aliases)
     folded: dict[str, str] = field(default_factory=dict)  # BN path -> kind
+    unfolded: dict[str, str] = field(default_factory=dict)  # quadratic layer path -> why no BatchNorm was folded
     verification: dict[str, float] = field(default_factory=dict)
     dtype: str = "fp32"
 
@@ -89,29 +90,53 @@ def _batchnorm_kind(module: nn.Module) -> str | None:
     return op if op in ("batchnorm", "batchnorm_act") else None
 
 
-def _fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(quadratic path, BN path) where the BN's only input is the quadratic layer's only use."""
+def _fold_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(quadratic path, BN path) where the BN's only input is the quadratic layer's only use; and, for every
+    other quadratic layer (each one is a fold candidate), why nothing was folded into it."""
     from surgeon.tracing import trace_model
 
+    layers = [path for path, module in model.named_modules() if isinstance(module, QuadraConvDW)]
     try:
         graph = trace_model(model)
-    except Exception:
-        return []
+    except Exception as exc:
+        reason = f"the model could not be traced to find what follows it ({type(exc).__name__}: " \
+                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        return [], dict.fromkeys(layers, reason)
     uses: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             uses[node.target] = uses.get(node.target, 0) + 1
-    pairs = []
+    pairs, unfolded = [], {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(model.get_submodule(node.target), QuadraConvDW):
             continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or users[0].args[0] is not node:
-            continue
-        bn_path = users[0].target
-        if _batchnorm_kind(model.get_submodule(bn_path)) and uses.get(bn_path) == 1 and uses.get(node.target) == 1:
-            pairs.append((node.target, bn_path))
-    return pairs
+        reason = _fold_blocker(model, node, uses)
+        if reason:
+            unfolded[node.target] = reason
+        else:
+            pairs.append((node.target, next(iter(node.users)).target))
+    for path in layers:
+        if path not in unfolded and all(path != conv for conv, _ in pairs):
+            unfolded[path] = "not called in the traced forward"
+    return pairs, unfolded
+
+
+def _fold_blocker(model: nn.Module, node: torch.fx.Node, uses: dict[str, int]) -> str:
+    """Why the BatchNorm after this quadratic layer's call cannot be folded into it ('' when it can)."""
+    if uses.get(node.target) != 1:
+        return f"the layer is called at {uses.get(node.target)} sites"
+    users = list(node.users)
+    if len(users) != 1:
+        return f"its output has {len(users)} users"
+    user = users[0]
+    if user.op != "call_module" or user.args[0] is not node:
+        return f"its output goes to {user.op} {getattr(user.target, '__name__', user.target)}, not a BatchNorm"
+    follower = model.get_submodule(user.target)
+    if not _batchnorm_kind(follower):
+        return f"it is followed by {type(follower).__name__} ({user.target}), not a BatchNorm"
+    if uses.get(user.target) != 1:
+        return f"the BatchNorm {user.target} is called at {uses.get(user.target)} sites"
+    return ""
 
 
 def fold_batchnorm(layer: QuadraConvDW, bn: nn.Module) -> None:
@@ -154,8 +179,10 @@ def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
     merged = _revert(copy.deepcopy(model), {})
     merged.eval()
     folded: dict[str, str] = {}
+    unfolded: dict[str, str] = {}
     if fold_bn:
-        for conv_path, bn_path in _fold_pairs(merged):
+        pairs, unfolded = _fold_pairs(merged)
+        for conv_path, bn_path in pairs:
             bn = merged.get_submodule(bn_path)
             fold_batchnorm(merged.get_submodule(conv_path), bn)
             folded[bn_path] = _batchnorm_kind(bn) or "batchnorm"
@@ -171,7 +198,7 @@ def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
     merged.requires_grad_(False)
     merged.surgeon_merge = MergeInfo(base=dict(info.base), recipe=info.recipe.to_dict(),
                                      layers={e["path"]: e for e in layers.values()}, folded=folded,
-                                     verification=verification, dtype=dtype)
+                                     unfolded=unfolded, verification=verification, dtype=dtype)
     return merged
 
 
@@ -188,6 +215,7 @@ def save_merged(model: nn.Module, directory: str | Path, force: bool = False,
         "format": FORMAT_MERGED, "version": __version__, "recipe": info.recipe,
         "base_model": info.base.get("source"), "base_class": info.base.get("class"), "dtype": info.dtype,
         "layers": list(info.layers.values()), "folded_batchnorm": info.folded,
+        "unfolded_batchnorm": info.unfolded,
         "merge_verification": info.verification,
     }
     return write_artifact(model, directory, config, force=force, extra_files=extra_files)
@@ -229,6 +257,7 @@ def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: n
                                          "model_args": config.get("model_args") or {}},
                                    recipe=section.get("recipe") or {}, layers={e["path"]: e for e in
                                                                                section.get("layers", [])},
-                                   folded=dict(folded), verification=section.get("merge_verification") or {},
+                                   folded=dict(folded), unfolded=dict(section.get("unfolded_batchnorm") or {}),
+                                   verification=section.get("merge_verification") or {},
                                    dtype=section.get("dtype", "fp32"))
     return base.eval()

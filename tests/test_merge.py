@@ -167,3 +167,51 @@ def test_dw_linear_recipe_trains_and_merges_to_plain_convs(lite0):
     with torch.no_grad():
         assert relative(merged(x), converted(x)) <= 1e-5
         assert relative(merged(x), original(x)) > 1e-3
+
+
+class TwoBranches(nn.Module):
+    """One depthwise conv feeds a BatchNorm (foldable), the other a GELU (nothing to fold)."""
+
+    def __init__(self, branch_on_values: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.branch_on_values = branch_on_values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.dw1(self.stem(x)))
+        if self.branch_on_values and x.mean() > 100:  # a Python branch on data: fx cannot trace this model
+            x = x * 2
+        return F.gelu(self.dw2(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("branch_on_values", [False, True])
+def test_fold_bn_reports_every_candidate_it_did_not_fold(tmp_path, branch_on_values):
+    torch.manual_seed(0)
+    model = TwoBranches(branch_on_values).eval()
+    converted = train_adapters(surgeon.convert(model, example_input=torch.randn(1, 3, 8, 8)))
+    merged = surgeon.merge(converted, fold_bn=True, example_input=torch.randn(2, 3, 8, 8))
+    info = merged.surgeon_merge
+    assert len(info.folded) + len(info.unfolded) == 2  # every quadratic layer is a candidate, folded or explained
+    if branch_on_values:
+        assert info.folded == {} and set(info.unfolded) == {"dw1", "dw2"}
+        assert all("could not be traced" in reason for reason in info.unfolded.values())
+    else:
+        assert info.folded == {"bn": "batchnorm"}
+        assert set(info.unfolded) == {"dw2"} and "not a BatchNorm" in info.unfolded["dw2"]
+    surgeon.save_merged(merged, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["surgeon"]["unfolded_batchnorm"] == info.unfolded
+
+
+def test_cli_merge_says_how_many_batchnorms_were_folded(tmp_path):
+    torch.manual_seed(0)
+    base = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    surgeon.save(surgeon.convert(base, base={"architecture": "convnext_atto", "model_args": {"num_classes": 3}}),
+                 tmp_path / "conv")
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "conv"), "--out", str(tmp_path / "m"), "--fold-bn"])
+    assert result.exit_code == 0, result.output
+    assert "folded 0 of 12 BatchNorm candidates" in result.output  # ConvNeXt normalises with LayerNorm
+    assert "not folded after stages.0.blocks.0.conv_dw: its output goes to call_method permute" in result.output
