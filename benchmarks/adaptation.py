@@ -70,7 +70,7 @@ def run(method: str, weights: Path, root: Path, args: argparse.Namespace, seed: 
         torch.manual_seed(seed)
         report = surgeon.adapt(model, train, None, epochs=args.epochs, lr=lr, seed=seed, log=lambda _: None)
         result["images_per_second"] = statistics.median(h.images_per_second for h in report.history)
-    result["top1"], result["top5"] = evaluate(model, val)
+    result["top1"], result["top5"], _ = evaluate(model, val)
     return result
 
 

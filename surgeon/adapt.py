@@ -3,7 +3,7 @@
 Defaults follow the QuadraNet V2 paper's fine-tuning recipe: AdamW, weight decay 0.05, gradient clipping at
 5, cosine schedule, channels-last. Works on one process or under ``torchrun`` (DDP: gloo on CPU, nccl on GPU)
 without code changes. Each epoch can be checkpointed atomically as a normal artifact (``surgeon.load`` reads
-it) plus ``training_state.pt`` (optimizer, scheduler, epoch, RNG) for an exact ``resume``.
+it) plus ``training_state.pt`` (optimizer, scheduler, epoch, every rank's RNG streams) for an exact ``resume``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,13 +43,15 @@ class AdaptOptions:
     seed: int = 0
     out: str | Path | None = None
     resume: bool = False
+    stop_after: int | None = None  # train at most this many epochs in this run; the schedule still spans epochs
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     log: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         checks = {"epochs": self.epochs >= 1, "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0,
                   "warmup_epochs": self.warmup_epochs >= 0, "min_lr": self.min_lr >= 0,
-                  "clip_grad": self.clip_grad is None or self.clip_grad > 0}
+                  "clip_grad": self.clip_grad is None or self.clip_grad > 0,
+                  "stop_after": self.stop_after is None or self.stop_after >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise SurgeonError(f"adapt option {name}={getattr(self, name)!r} is out of range")
@@ -63,6 +65,13 @@ class EpochResult:
     images_per_second: float
     val_top1: float | None = None
     val_top5: float | None = None
+    val_images: int | None = None  # every validation image counted once, over all ranks
+
+
+class Accuracy(NamedTuple):
+    top1: float
+    top5: float
+    images: int
 
 
 @dataclass
@@ -118,8 +127,8 @@ def cosine_factor(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True) -> tuple[float, float]:
-    """Top-1 / top-5 accuracy in percent (summed over every rank under DDP)."""
+def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True) -> Accuracy:
+    """Top-1 / top-5 accuracy in percent and the number of images (summed over every rank under DDP)."""
     model.eval()
     device = next(model.parameters()).device
     correct1 = correct5 = seen = 0
@@ -134,20 +143,52 @@ def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True
             correct5 += (top == targets[:, None]).any(dim=-1).sum().item()
             seen += targets.numel()
     correct1, correct5, seen = _all_reduce([correct1, correct5, seen], device)
-    return (100.0 * correct1 / seen, 100.0 * correct5 / seen) if seen else (0.0, 0.0)
+    if not seen:
+        return Accuracy(0.0, 0.0, 0)
+    return Accuracy(100.0 * correct1 / seen, 100.0 * correct5 / seen, int(seen))
 
 
 # ------------------------------------------------------------------------------------------ state
 def _rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, Python and NumPy RNG states, in types ``torch.load(weights_only=True)`` reads."""
+    import numpy as np
+
+    _, keys, position, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    saved = state.get("numpy")
+    if saved:
+        np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"],
+                             saved["has_gauss"], saved["gauss"]))
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+    if world == 1:
+        return [_rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+def restore_rng_states(saved: Any, rank: int, world: int) -> None:
+    """Each rank continues its own streams; a run cannot change its number of processes on resume."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world:
+        raise SurgeonError(f"cannot resume: the run was saved with {len(states)} process(es) and this one has "
+                           f"{world} (the data order and random streams depend on it)")
+    _set_rng_state(states[rank])
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:
@@ -200,7 +241,7 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         report.history = [EpochResult(**entry) for entry in state.get("history", [])]
-        _set_rng_state(state["rng"])
+        restore_rng_states(state["rng"], rank, world)
         if start_epoch >= opts.epochs:
             say(f"already trained for {start_epoch} epoch(s); nothing to do")
     module: nn.Module = model
@@ -240,14 +281,20 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
         result = EpochResult(epoch=epoch, train_loss=loss_sum / max(batches, 1), lr=optimizer.param_groups[0]["lr"],
                              images_per_second=images_seen / elapsed if elapsed else 0.0)
         if val_loader is not None:
-            result.val_top1, result.val_top5 = evaluate(model, val_loader, opts.channels_last)
+            result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last)
         report.history.append(result)
-        if opts.out is not None and rank == 0:
-            _checkpoint(model, opts.out, epoch, optimizer, scheduler, report)
+        if opts.out is not None:
+            rng_states = gathered_rng_states(world)
+            if rank == 0:
+                _checkpoint(model, opts.out, epoch, optimizer, scheduler, report, rng_states)
         if rank == 0:
             say(_epoch_line(result, opts.epochs))
         if world > 1:
             dist.barrier()
+        if opts.stop_after is not None and epoch + 1 - start_epoch >= opts.stop_after and epoch + 1 < opts.epochs:
+            if rank == 0:
+                say(f"stopping after {opts.stop_after} epoch(s) of this run; continue with resume")
+            break
     model.eval()
     return report
 
@@ -261,14 +308,14 @@ def _epoch_line(result: EpochResult, epochs: int) -> str:
 
 
 def _checkpoint(model: nn.Module, out: str | Path, epoch: int, optimizer: torch.optim.Optimizer,
-                scheduler: Any, report: AdaptReport) -> None:
+                scheduler: Any, report: AdaptReport, rng_states: list[dict[str, Any]]) -> None:
     from surgeon.artifacts import save
 
     final = report.history[-1]
     model.surgeon_metrics = {"epochs_trained": epoch + 1, "train_loss": final.train_loss,
                              "val_top1": final.val_top1, "val_top5": final.val_top5}
     state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "history": [asdict(h) for h in report.history]}
+             "rng": rng_states, "history": [asdict(h) for h in report.history]}
     save(model, out, force=True, extra_writer=lambda staging: torch.save(state, staging / STATE_NAME))
 
 

@@ -169,12 +169,16 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
           update_bn_stats: Annotated[bool, typer.Option("--update-bn-stats", help="Let BatchNorm use and update "
                                                         "batch statistics (default: frozen trunk).")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT exactly.")] = False,
+          stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most N epochs in this run "
+                                                         "(the schedule still spans --epochs); continue later "
+                                                         "with --resume.")] = None,
           force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
           no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of DIR.")] = False,
           json_output: JsonOpt = False) -> None:
     """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
     import random
 
+    import numpy
     import torch
 
     import surgeon
@@ -185,6 +189,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     rank, world = distributed_setup()
     torch.manual_seed(seed)  # same on every rank: a reset head starts identical everywhere
     random.seed(seed)
+    numpy.random.seed(seed)
 
     log_console = stderr if json_output else stdout  # with --json, stdout carries only the JSON document
 
@@ -216,7 +221,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
         say(f"before adaptation: val top-1 {before[0]:.2f}%, top-5 {before[1]:.2f}%")
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
-                       seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats)
+                       seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
+                       stop_after=stop_after)
     digest = trainable_digest(model)
     if world > 1:
         print(f"rank {rank}: trainable sha256 {digest}", flush=True)

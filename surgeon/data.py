@@ -3,6 +3,8 @@
 Datasets and transforms come from timm (``ImageDataset``, ``create_transform`` with the model's
 ``pretrained_cfg``). Unreadable images are found up front and skipped with a count, so a corrupt file costs
 a warning, not a crash. Class folders named by integer class index keep the pretrained classifier head.
+Training samples and their augmentation depend only on (seed, epoch, index) (see :mod:`surgeon.sampling`), and
+validation shards count every image once.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from surgeon.errors import SurgeonError
+from surgeon.sampling import EpochPermutationSampler, EpochSeededDataset, ShardSampler
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
@@ -95,13 +98,12 @@ def image_folder_data(root: str | Path, model: nn.Module, batch_size: int, worke
     train_set, skipped = _dataset(root / "train", class_map, create_transform(**config, is_training=True))
     val_set, val_skipped = (_dataset(val_dir, class_map, create_transform(**config, is_training=False))
                             if val_dir.exists() else (None, 0))
-    generator = torch.Generator().manual_seed(seed)
-    train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed) if distributed else None
-    train = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-                       num_workers=workers, drop_last=len(train_set) > batch_size, generator=generator,
-                       persistent_workers=workers > 0)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
+    train_sampler = EpochPermutationSampler(len(train_set), seed=seed, rank=rank, world=world)
+    train = DataLoader(EpochSeededDataset(train_set, seed), batch_size=batch_size, sampler=train_sampler,
+                       num_workers=workers, drop_last=len(train_sampler) > batch_size, persistent_workers=workers > 0)
     val = None
     if val_set is not None:
-        val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
-        val = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler, num_workers=workers)
+        val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world),
+                         num_workers=workers)
     return FolderData(train, val, classes, class_map, skipped + val_skipped), head_classes
