@@ -211,16 +211,22 @@ def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ training
+def require_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters to optimise; refuses a model with none (a conversion where no adapter was added)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SurgeonError("the model has no trainable parameters: its conversion added no adapter (no depthwise "
+                           "conv matched); use a recipe that lists parameters in 'trainable'")
+    return params
+
+
 def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any] | None = None,
           **options: Any) -> AdaptReport:
     """Train ``model``'s trainable parameters on ``train_loader`` (batches of ``(images, targets)``)."""
     opts = AdaptOptions(**options)
     say = opts.log or (lambda line: print(line, file=sys.stderr))
     rank, world = distributed_setup()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise SurgeonError("the model has no trainable parameters (convert it with a recipe that adds adapters, "
-                           "or list parameters in the recipe's 'trainable')")
+    params = require_trainable(model)
     device = params[0].device
     if opts.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, SurgeonWarning
 from surgeon.plan import Plan
 from surgeon.recipe import Recipe, load_recipe
 from surgeon.rewrite import ConversionInfo, apply_decisions, deep_copy, set_trainable
@@ -37,7 +38,24 @@ def _analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     finally:
         model.train(was_training)
     decide(analysis, model, recipe)
+    reason = nothing_trainable(analysis, recipe)
+    if reason:
+        analysis.warnings.append(reason)
     return analysis
+
+
+def nothing_trainable(analysis: Analysis, recipe: Recipe) -> str | None:
+    """Why a conversion would leave no parameter to train (None when something will train)."""
+    if recipe.trainable or any(s.action == "swap" and s.target == "depthwise_conv" for s in analysis.sites):
+        return None
+    if not any(rule.target == "depthwise_conv" for rule in recipe.rules):
+        why = f"recipe '{recipe.name}' has no depthwise_conv rule and no 'trainable' parameters"
+    else:
+        depthwise = [s for s in analysis.sites if s.target == "depthwise_conv"]
+        why = (f"no depthwise conv matched (groups == in == out channels; found {len(depthwise)}"
+               + (f", none swapped: {depthwise[0].reason}" if depthwise and depthwise[0].reason else "") + ")")
+    return (f"nothing will be trainable: {why}; adapt will refuse this model unless a recipe lists parameters "
+            "in 'trainable'")
 
 
 def model_name(model: nn.Module) -> str:
@@ -71,10 +89,14 @@ def convert(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input
     set_trainable(converted, resolved)
     if check_complete:
         _check_complete(converted, resolved, example)
+    idle = nothing_trainable(analysis, resolved)
+    if idle:
+        warnings.warn(idle, SurgeonWarning, stacklevel=2)
     recorded = dict(base or {"architecture": model_name(model),
                              "class": f"{type(model).__module__}.{type(model).__qualname__}"})
     recorded["example_input_shape"] = list(example.shape)
-    converted.surgeon_info = ConversionInfo(recipe=resolved, sites=analysis.sites, base=recorded)
+    converted.surgeon_info = ConversionInfo(recipe=resolved, sites=analysis.sites, base=recorded,
+                                            warnings=list(analysis.warnings))
     return converted
 
 

@@ -9,6 +9,7 @@ SHA-256 is checked against the config.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from surgeon.atomic import staged_directory
 from surgeon.checkpoint import fit_state_dict, read_state_dict, sha256_file
-from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.errors import CheckpointError, SurgeonError, SurgeonWarning
 from surgeon.memory_format import apply_memory_format, model_memory_format
 from surgeon.recipe import parse_recipe
 
@@ -198,7 +199,8 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
     shape = section.get("example_input_shape") or None
     # rebuilding draws random initial weights that the saved ones then replace: the caller's RNG stream must not
     # move because a model was loaded
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)  # said when it was converted; adapt says it again
         base = model if model is not None else build_base(config, directory)
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) if shape else None
         converted = convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={

@@ -1,5 +1,8 @@
 """A run-time census of a model: every module call and every activation call, attributed to its module.
 
+It also records depthwise convolutions called as functions (``F.conv2d(x, w, groups=C)``): they have no module
+to swap, and are reported rather than passed over.
+
 fx sees only what it traces; a forward pass sees everything. The census runs one forward pass under a
 ``TorchFunctionMode`` with global module hooks, so it finds activation calls hidden inside leaf modules,
 counts how often shared modules are called, records shapes for the plan's estimates, and - after conversion -
@@ -18,6 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from surgeon.layers.activation_ops import FUNCTIONS, METHODS
+from surgeon.layers.quadra_conv_dw import QuadraConvDW
+from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import in_replacement
 
 _METHOD_FUNCS = {getattr(torch.Tensor, name): op for name, op in METHODS.items()}
@@ -37,6 +42,7 @@ class ModuleRecord:
     output_shape: tuple[int, ...] | None = None
     arguments: dict[str, Any] | None = None
     activations: list[ActivationCall] = field(default_factory=list)
+    functional_depthwise: list[tuple[int, ...]] = field(default_factory=list)  # input shapes of F.conv2d calls
 
 
 @dataclass
@@ -71,7 +77,24 @@ class _ActivationSpy(TorchFunctionMode):
         if op is not None and self.stack and not in_replacement():
             shape = _shape(args[0]) if args else None
             self.records[id(self.stack[-1])].activations.append(ActivationCall(op, kind, shape or ()))
+        elif func in _CONV_FUNCTIONS and self.stack and not isinstance(self.stack[-1], _CONV_LAYERS):
+            if _is_depthwise_call(args, kwargs):
+                self.records[id(self.stack[-1])].functional_depthwise.append(tuple(args[0].shape))
         return func(*args, **kwargs)
+
+
+_CONV_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
+_CONV_LAYERS = (nn.Conv2d, QuadraticDepthwiseConv2d, QuadraConvDW)  # their own forward calls conv2d
+
+
+def _is_depthwise_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``conv2d(x, weight, ..., groups=C)`` with one input channel per group and C == in == out channels."""
+    values = [*args, *([None] * (7 - len(args)))]
+    x, weight, groups = values[0], kwargs.get("weight", values[1]), kwargs.get("groups", values[6])
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() != 4:
+        return False
+    groups = 1 if groups is None else groups
+    return groups > 1 and weight.shape[1] == 1 and weight.shape[0] == groups == x.shape[1]
 
 
 def _bound_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:

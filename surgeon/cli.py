@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, SurgeonWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert pretrained vision models into quadratic-adapter, low-activation-memory networks.")
@@ -121,7 +122,8 @@ def convert(model: ModelArg,
     if out is not None and out.exists() and not force and not dry_run:
         raise fail(f"{out} already exists (use --force to replace it)")
     loaded = _load(model, weights, arch, pretrained=not random_init, non_strict=non_strict)
-    with progress("converting"):
+    with progress("converting"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)  # printed below as one line, with the other warnings
         converted = surgeon.convert(loaded.model, recipe, base=loaded.base)
         check = output_difference(loaded.model, converted, default_input(loaded.model, batch=2))
     info = converted.surgeon_info
@@ -136,7 +138,7 @@ def convert(model: ModelArg,
         str(out), "dry_run": dry_run, "swapped": len(swapped), "unreachable": [s.to_dict() for s in unreachable],
         "swapped_by_op": {op: sum(1 for s in swapped if s.op == op) for op in sorted({s.op for s in swapped})},
         "swapped_by_target": {t: sum(1 for s in swapped if s.target == t) for t in sorted({s.target for s in swapped})},
-        "trainable_parameters": trainable, "verification": check,
+        "trainable_parameters": trainable, "verification": check, "warnings": info.warnings,
     }
     if json_output:
         print(json.dumps(report, indent=2))
@@ -150,6 +152,8 @@ def convert(model: ModelArg,
     stdout.print(f"verification (eval, batch 2): max |Δ logit| = {check['max_abs_diff']:.3g} "
                  f"({check['relative']:.3g} of max |logit| {check['max_abs_output']:.3g})", markup=False)
     stdout.print("dry run: nothing written" if dry_run else f"saved to {out}", markup=False)
+    for warning in info.warnings:
+        stderr.print(f"warning: {warning}", markup=False)
 
 
 @app.command()
@@ -183,7 +187,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
 
     import surgeon
     from surgeon.adapt import adapt as run_adapt
-    from surgeon.adapt import distributed_setup, evaluate, trainable_digest
+    from surgeon.adapt import distributed_setup, evaluate, require_trainable, trainable_digest
     from surgeon.data import image_folder_data
 
     rank, world = distributed_setup()
@@ -215,6 +219,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
             f"{', …' if head_classes > 5 else ''}); the new head is trainable")
     elif folders.class_map is not None:
         say("class folders are class indices of the pretrained head: head kept")
+    require_trainable(model)
     before = None
     if folders.val is not None and not resume:
         before = evaluate(model, folders.val, channels_last)

@@ -19,3 +19,7 @@ class RecipeError(SurgeonError):
 
 class CheckpointError(SurgeonError):
     """A checkpoint could not be read or does not fit the architecture; the message names the file."""
+
+
+class SurgeonWarning(UserWarning):
+    """Something the user most likely did not intend, though the result is valid (e.g. nothing to train)."""

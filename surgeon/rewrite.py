@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -223,6 +223,7 @@ class ConversionInfo:
     recipe: Recipe
     sites: list[Site]
     base: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,

@@ -357,6 +357,7 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
                         owner=owner, occurrence=occurrence, aliases=[owner])
             sites.append(site)
     _add_hidden_sites(model, census, traced_owners, paths, modules_by_path, sites)
+    _add_functional_depthwise_sites(model, census, paths, sites)
     for site in sites:
         if site.owner is not None:
             owner_module = modules_by_path.get(site.owner)
@@ -418,6 +419,24 @@ def _add_hidden_sites(model: nn.Module, census: Census, traced_owners: set[str],
             sites.append(site)
 
 
+def _add_functional_depthwise_sites(model: nn.Module, census: Census, paths: dict[int, list[str]],
+                                    sites: list[Site]) -> None:
+    """Depthwise convs called as ``F.conv2d(..., groups=C)``: listed as unreachable, with what would fix it."""
+    for module in {id(m): m for m in model.modules()}.values():
+        record = census.record(module)
+        if record is None or not record.functional_depthwise:
+            continue
+        owner = paths[id(module)][0]
+        per_call = len(record.functional_depthwise) // max(record.calls, 1)
+        for occurrence, shape in enumerate(record.functional_depthwise[:max(per_call, 1)]):
+            sites.append(Site(
+                path=functional_site_path(owner, "conv2d", occurrence), target="depthwise_conv", op="conv2d",
+                access="call_function", module_type=type(module).__name__, aliases=[owner], calls=record.calls,
+                input_shape=shape, owner=owner, occurrence=occurrence,
+                blocker=f"depthwise F.conv2d called in {type(module).__name__}.forward: its kernel is a plain "
+                        "tensor, not an nn.Conv2d module, so there is no layer to swap (make it an nn.Conv2d)"))
+
+
 # ------------------------------------------------------------------------------------------- decisions
 def decide(analysis: Analysis, model: nn.Module, recipe: Recipe) -> None:
     """Apply the recipe's rules to every site (first matching rule wins)."""
@@ -436,7 +455,7 @@ def decide(analysis: Analysis, model: nn.Module, recipe: Recipe) -> None:
             if not (rule.selects(site.path) or _alias_selected(rule, site)):
                 skipped = skipped or f"excluded by rules[{index}] patterns"
                 continue
-            if rule.target == "depthwise_conv":
+            if rule.target == "depthwise_conv" and not site.blocker:
                 conv = modules_by_path[site.path]
                 if max(conv.kernel_size) < rule.option("min_kernel"):
                     skipped = f"kernel {tuple(conv.kernel_size)} is below min_kernel={rule.option('min_kernel')}"

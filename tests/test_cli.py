@@ -84,3 +84,25 @@ def test_truncated_checkpoint_real_subprocess(tmp_path):
     assert process.returncode == 2
     assert process.stderr.strip().startswith("error:") and "bad.safetensors" in process.stderr
     assert "Traceback" not in process.stderr and process.stdout == ""
+
+
+def test_a_conversion_with_nothing_to_train_says_so_and_adapt_refuses_it(tmp_path):
+    from PIL import Image
+
+    plan = invoke("plan", "resnet18")  # plain convs only: no depthwise conv to adapt
+    assert plan.exit_code == 0
+    assert "warning: nothing will be trainable: no depthwise conv matched" in plan.stderr
+    out = tmp_path / "resnet"
+    converted = invoke("convert", "resnet18", "--random-init", "--out", str(out))
+    assert converted.exit_code == 0, converted.output
+    warning_lines = [line for line in converted.stderr.splitlines() if "nothing will be trainable" in line]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("warning: ")
+    for split in ("train", "val"):
+        for label in ("0", "1"):  # class-index folders: the pretrained head is kept, so nothing else trains
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (int(label) * 200, 0, 0)).save(tmp_path / "data" / split / label / "a.png")
+    adapt = invoke("adapt", str(out), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "adapted"))
+    assert adapt.exit_code == 2
+    errors = [line for line in adapt.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no trainable parameters" in errors[0] and "Traceback" not in adapt.output
+    assert not (tmp_path / "adapted").exists()
