@@ -295,6 +295,10 @@ def push(directory: Annotated[Path, typer.Argument(help="Artifact directory (con
     """Upload an artifact with a model card to the Hugging Face Hub (load it back with hf-hub:REPO_ID)."""
     from surgeon.hub import push_to_hub
 
+    if not sys.stderr.isatty():  # huggingface_hub's own progress bars would garble logs and one-line errors
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with progress(f"uploading to {repo_id}"):
         result = push_to_hub(directory, repo_id, private=private, create_pr=create_pr, revision=revision,
                              token=token, commit_message=commit_message, overwrite_card=overwrite_card)

@@ -12,13 +12,17 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from surgeon.errors import CheckpointError, SurgeonError
+
+T = TypeVar("T")
 
 TAGS = ["timm", "image-classification", "surgeon", "quadranet-v2", "s2a"]
 
@@ -76,6 +80,22 @@ def _explain(exc: Exception, action: str, repo_id: str) -> HubError:
         return HubError(f"{action} {repo_id}: {first}")
     return HubError(f"{action} {repo_id}: cannot reach the Hub ({first}); check the network, or unset "
                     "HF_HUB_OFFLINE")
+
+
+def _retry_server_errors(upload: Callable[[], T], attempts: int = 3, first_wait: float = 0.5) -> T:
+    """Run ``upload`` again after a 5xx answer (with back-off). Without ``hf_xet`` huggingface_hub sends the
+    commit once; a commit that failed with 5xx changed nothing, so sending it again is safe."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(attempts):
+        try:
+            return upload()
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status is None or status < 500 or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _card(config: dict[str, Any], repo_id: str) -> str:
@@ -162,11 +182,12 @@ def push_to_hub(source: str | Path | nn.Module, repo_id: str, private: bool = Fa
             (staging / "README.md").write_text(_card(config, repo_id), encoding="utf-8")
         else:
             (staging / "README.md").unlink(missing_ok=True)
+        message = commit_message or f"Upload {config.get('architecture')} ({config['surgeon'].get('format')}) " \
+            "with surgeon"
         try:
-            info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, revision=revision,
-                                     create_pr=create_pr, commit_message=commit_message or
-                                     f"Upload {config.get('architecture')} ({config['surgeon'].get('format')}) "
-                                     "with surgeon")
+            info = _retry_server_errors(lambda: api.upload_folder(
+                folder_path=str(staging), repo_id=repo_id, revision=revision, create_pr=create_pr,
+                commit_message=message))
         except HfHubHTTPError as exc:
             raise _explain(exc, "upload to", repo_id) from exc
         except OSError as exc:

@@ -1,5 +1,12 @@
 """A small local server speaking the part of the Hugging Face Hub HTTP API that huggingface_hub uses to
-create a repo, upload a folder in one commit (regular, non-LFS files), and download files / snapshots.
+create a repo, upload a folder in one commit, and download files / snapshots.
+
+Uploads follow the Hub's two branches: ``preupload`` answers ``lfs`` for weight files (as the Hub's
+``.gitattributes`` does) and ``regular`` for the rest; LFS files then go through the git-lfs batch API (basic
+transfer: one PUT per object, then verify) and the commit names them by ``lfsFile`` oid, which must have been
+uploaded. An object the server already holds gets no upload action. Downloads of LFS files carry the
+``X-Linked-Etag``/``X-Linked-Size`` headers the Hub sends. The xet storage protocol is not spoken: tests turn it
+off in the client (``HF_HUB_DISABLE_XET``), which then uses LFS, as it does wherever ``hf_xet`` is missing.
 
 State is in memory. ``fail_commits = n`` makes the next ``n`` commit requests answer 500 (to test error
 handling; huggingface_hub itself retries a few times with back-off).
@@ -15,13 +22,20 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".onnx")
+
+
+def is_lfs_path(path: str) -> bool:
+    return path.endswith(LFS_SUFFIXES)
 
 
 @dataclass
 class Repo:
     private: bool
     files: dict[str, bytes] = field(default_factory=dict)
+    lfs_files: set[str] = field(default_factory=set)
     commits: list[str] = field(default_factory=list)
     pull_requests: list[dict[str, bytes]] = field(default_factory=list)
 
@@ -36,6 +50,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.fail_commits = 0
         self.requests: list[str] = []
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, shared by all repos (content-addressed)
+        self.lfs_uploads: list[str] = []  # oids received by PUT, in order
         self.lock = threading.Lock()
 
 
@@ -120,24 +136,74 @@ class Handler(BaseHTTPRequestHandler):
                                    "RepoNotFound")
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                                   "oid": None} for f in files]})
+                return self._send(200, {"files": [{"path": f["path"], "shouldIgnore": False, "oid": None,
+                                                   "uploadMode": "lfs" if is_lfs_path(f["path"]) else "regular"}
+                                                  for f in files]})
             return self._commit(repo_id, repo, body)
+        match = re.fullmatch(r"/(.+?)\.git/info/lfs/objects/batch", path)
+        if match:
+            return self._lfs_batch(match.group(1), json.loads(body))
+        match = re.fullmatch(r"/lfs/verify/([0-9a-f]{64})", path)
+        if match:
+            data = json.loads(body)
+            stored = self.state.lfs_objects.get(match.group(1))
+            if stored is None or len(stored) != data.get("size") or data.get("oid") != match.group(1):
+                return self._error(422, "LFS object missing or wrong size")
+            return self._send(200, {})
         return self._error(404, f"no route for POST {path}")
+
+    def _lfs_batch(self, repo_id: str, request: dict[str, Any]) -> None:
+        if self._repo(repo_id, write=True) is None:
+            return self._error(401, "Repository not found", "RepoNotFound")
+        if request.get("operation") != "upload" or "basic" not in request.get("transfers", []):
+            return self._error(400, "only basic uploads are supported")
+        host = f"http://{self.headers['host']}"
+        objects = []
+        for item in request["objects"]:
+            entry: dict[str, Any] = {"oid": item["oid"], "size": item["size"], "authenticated": True}
+            if item["oid"] not in self.state.lfs_objects:
+                entry["actions"] = {"upload": {"href": f"{host}/lfs/upload/{item['oid']}", "header": {}},
+                                    "verify": {"href": f"{host}/lfs/verify/{item['oid']}", "header": {}}}
+            objects.append(entry)
+        return self._send(200, {"transfer": "basic", "objects": objects})
+
+    def do_PUT(self) -> None:
+        path = unquote(urlparse(self.path).path)
+        self.state.requests.append(f"PUT {path}")
+        match = re.fullmatch(r"/lfs/upload/([0-9a-f]{64})", path)
+        if match is None:
+            return self._error(404, f"no route for PUT {path}")
+        data = self._body()
+        if _sha(data) != match.group(1):
+            return self._error(400, "content does not match its oid")
+        with self.state.lock:
+            self.state.lfs_objects[match.group(1)] = data
+            self.state.lfs_uploads.append(match.group(1))
+        return self._send(200, {})
 
     def _commit(self, repo_id: str, repo: Repo, body: bytes) -> None:
         if self.state.fail_commits > 0:
             self.state.fail_commits -= 1
             return self._error(500, "Internal Error - We're working hard to fix this as soon as possible!")
         changes: dict[str, bytes] = {}
+        lfs_paths = set()
         for line in body.splitlines():
             item = json.loads(line)
+            value = item["value"]
             if item["key"] == "file":
-                value = item["value"]
                 changes[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                stored = self.state.lfs_objects.get(value["oid"])
+                if stored is None or len(stored) != value.get("size", len(stored)):
+                    return self._error(400, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                changes[value["path"]] = stored
+                lfs_paths.add(value["path"])
         revision = unquote(urlparse(self.path).path).split("/commit/", 1)[1]
         with self.state.lock:
             digest = hashlib.sha1(repo.sha.encode() + json.dumps(sorted(changes)).encode()).hexdigest()
+            if parse_qs(urlparse(self.path).query).get("create_pr") == ["1"]:  # open a PR holding this commit
+                repo.pull_requests.append({})
+                revision = f"refs/pr/{len(repo.pull_requests)}"
             if revision.startswith("refs/pr/"):
                 number = int(revision.rsplit("/", 1)[1])
                 repo.pull_requests[number - 1].update(changes)
@@ -146,6 +212,7 @@ class Handler(BaseHTTPRequestHandler):
                                         "pullRequestUrl": f"http://{self.headers['host']}/{repo_id}/discussions/"
                                                           f"{number}"})
             repo.files.update(changes)
+            repo.lfs_files = (repo.lfs_files - set(changes)) | lfs_paths
             repo.commits.append(digest)
         return self._send(200, {"commitUrl": f"http://{self.headers['host']}/{repo_id}/commit/{digest}",
                                 "commitOid": digest})
@@ -172,6 +239,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "Entry not found", "EntryNotFound", head=head)
         data = repo.files[filename]
         headers = {"ETag": f'"{_sha(data)}"', "X-Repo-Commit": repo.sha, "Content-Type": "application/octet-stream"}
+        if filename in repo.lfs_files:  # what the Hub sends for LFS files (the client keys its cache on it)
+            headers.update({"X-Linked-Etag": f'"{_sha(data)}"', "X-Linked-Size": str(len(data))})
         return self._send(200, headers=headers, raw=data, head=head)
 
     def _get(self, head: bool) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -24,6 +26,7 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # LFS, not xet (see server)
         yield server
 
 
@@ -51,6 +54,9 @@ def test_push_and_load_back(hub, artifacts, kind):
     assert result.card_written and result.commit_url.startswith(hub.url)
     files = hub.state.repos[f"org/{kind}"].files
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert hub.state.repos[f"org/{kind}"].lfs_files == {"model.safetensors"}  # weights take the LFS branch
+    assert hashlib.sha256(files["model.safetensors"]).hexdigest() in hub.state.lfs_uploads
+    assert files["model.safetensors"] == (root / kind / "model.safetensors").read_bytes()
     card = files["README.md"].decode()
     assert "library_name: timm" in card and "quadranet-v2" in card and "s2a" in card
     assert f'surgeon.load("hf-hub:org/{kind}")' in card
@@ -132,3 +138,13 @@ def test_offline(monkeypatch, artifacts, tmp_path):
         surgeon.load("hf-hub:org/never-downloaded")
     plan = CliRunner().invoke(app, ["plan", "hf-hub:org/never-downloaded"])
     assert plan.exit_code == 2 and len(plan.output.strip().splitlines()) == 1
+
+
+def test_pushing_the_same_weights_again_uploads_no_lfs_object(hub, artifacts):
+    root, _ = artifacts
+    surgeon.push_to_hub(root / "merged", "org/once", token=TOKEN)
+    uploads = len(hub.state.lfs_uploads)
+    surgeon.push_to_hub(root / "merged", "org/twice", token=TOKEN)
+    assert len(hub.state.lfs_uploads) == uploads  # the server already has the object: no upload action
+    weights = (root / "merged" / "model.safetensors").read_bytes()
+    assert hub.state.repos["org/twice"].files["model.safetensors"] == weights
