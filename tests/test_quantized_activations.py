@@ -16,7 +16,7 @@ from surgeon.layers.quantized_activation import QuantizedActivation, quantized_c
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
 
 MASK_MODULES = [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.ReLU6(inplace=True), nn.LeakyReLU(0.2),
-                nn.Hardtanh(-2.0, 3.0)]
+                nn.Hardtanh(-2.0, 3.0), nn.Hardsigmoid()]
 SMOOTH_MODULES = [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish(), nn.Mish(),
                   timm.layers.activations.GELU(), timm.layers.activations.Swish()]
 OUTPUT_MODULES = [nn.Sigmoid(), nn.Tanh(), nn.Softmax(dim=1), nn.Softmax(dim=-1), timm.layers.activations.Sigmoid(),

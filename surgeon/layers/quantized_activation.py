@@ -77,7 +77,7 @@ def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec)
         slope = spec.param("negative_slope")
         return torch.where(mask, grad, grad * slope)
     if spec.op == "hardsigmoid":
-        return grad * mask / 6.0
+        return grad * mask * (1.0 / 6.0)  # torch multiplies by the float 1/6; dividing could round differently
     return grad * mask
 
 
