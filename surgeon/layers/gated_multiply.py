@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from surgeon.layers.precision import grad_as
 from surgeon.layers.row_quantizer import dequantize_image, quantize_image
 
 
@@ -24,6 +25,7 @@ class _GatedMultiplyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gate: torch.Tensor, gate_first: bool, bits: int) -> torch.Tensor:
         y = gate * x if gate_first else x * gate
+        ctx.input_dtype = x.dtype
         kept_x, ctx.layout = quantize_image(x, bits)
         ctx.save_for_backward(*kept_x, gate)
         return y
@@ -31,7 +33,7 @@ class _GatedMultiplyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         packed, offset, step, gate = ctx.saved_tensors
-        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        grad_x = grad_as(grad * gate, ctx.input_dtype) if ctx.needs_input_grad[0] else None
         grad_gate = None
         if ctx.needs_input_grad[1]:
             x = dequantize_image(packed, offset, step, ctx.layout)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.layers.precision import grad_as
 from surgeon.layers.quadratic_conv import same_pads
 from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
 
@@ -61,12 +62,14 @@ class _InputFreeConvFn(torch.autograd.Function):
         ctx.padded_shape = x.shape if pads is None else (*x.shape[:2], x.shape[2] + pads[2] + pads[3],
                                                           x.shape[3] + pads[0] + pads[1])
         ctx.has_bias = bias is not None
+        ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
         ctx.save_for_backward(weight)
-        return conv._surgeon_base_class.forward(conv, x)
+        return conv._surgeon_base_class.forward(conv, x)  # under autocast as the original ran
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (weight,) = ctx.saved_tensors
+        weight = weight.to(grad.dtype)  # the forward ran in the autocast dtype, which the gradient carries
         conv = ctx.conv
         padding = (0, 0) if ctx.pads is not None else conv.padding
         if padding == "valid":
@@ -80,7 +83,7 @@ class _InputFreeConvFn(torch.autograd.Function):
             if ctx.pads is not None:
                 grad_x = F.pad(grad_x, tuple(-p for p in ctx.pads))
         grad_bias = grad.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None, None
+        return grad_as(grad_x, ctx.dtypes[0]), None, grad_as(grad_bias, ctx.dtypes[1]), None, None
 
 
 class InputFreeConv:
@@ -107,12 +110,13 @@ class _FrozenBatchNormFn(torch.autograd.Function):
         if bn.weight is not None:
             scale = scale * bn.weight
         ctx.save_for_backward(scale.detach())
+        ctx.input_dtype = x.dtype
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (scale,) = ctx.saved_tensors
-        return grad * scale.view(1, -1, 1, 1).to(grad.dtype), None
+        return grad_as(grad * scale.view(1, -1, 1, 1).to(grad.dtype), ctx.input_dtype), None
 
 
 def frozen_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +151,7 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
         quantized = quantize_rows(normalized, bits)
         ctx.meta = (moved.shape, channel_dim, bits, quantized.rows, quantized.width, x.dtype)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.param_dtype = next((t.dtype for t in (weight, bias) if t is not None), None)
         ctx.save_for_backward(*quantized.tensors(), rstd.reshape(-1, 1), *(t for t in (weight,) if t is not None))
         return y
 
@@ -163,7 +168,7 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
         grad_x = grad_x.reshape(shape).movedim(-1, channel_dim).to(dtype)
         grad_w = (g * normalized).sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_as(grad_w, ctx.param_dtype), grad_as(grad_b, ctx.param_dtype), None, None, None
 
 
 class QuantizedLayerNorm:

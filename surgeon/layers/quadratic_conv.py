@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.layers.precision import autocast_off, cast, compute_dtype, grad_as
 from surgeon.layers.row_quantizer import dequantize_image, is_channels_last, quantize_image
 
 Pair = tuple[int, int]
@@ -126,6 +127,15 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, weight, bias, weight_a, weight_b))
+        dtype = compute_dtype(x)
+        x, weight, bias, weight_a, weight_b = (cast(t, dtype) for t in (x, weight, bias, weight_a, weight_b))
+        with autocast_off(x):
+            return _QuadraticDepthwiseFn._forward(ctx, x, weight, bias, weight_a, weight_b, layer)
+
+    @staticmethod
+    def _forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
         primary = layer.primary_conv(x, weight, bias)
         primary_call, call_a, call_b = layer.branch_calls(x)
         a, _ = _branch_forward(x, weight_a, call_a, layer.stride, layer.channels)
@@ -143,12 +153,19 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with autocast_off(grad):
+            grads = _QuadraticDepthwiseFn._backward(ctx, grad)
+        return (*(grad_as(g, dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         layer: QuadraticDepthwiseConv2d = ctx.layer
         if ctx.compressed is not None:
             packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
             x = dequantize_image(packed, offset, step, ctx.compressed)
         else:
             x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         primary_call, call_a, call_b = ctx.calls
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
@@ -175,7 +192,7 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
                                                    [weight.shape[0]], need_bias)
             if need_x:
                 grad_x = grad_x + _unpad(gx, primary_call.pre_pads)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 class QuadraticDepthwiseConv2d(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 from surgeon.layers import bitpack
 from surgeon.layers.activation_ops import FUNCTION_KEYS, ActivationSpec
 from surgeon.layers.derivative_codebook import codebook, decode, encode
+from surgeon.layers.precision import grad_as
 from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
 
 _STATE = threading.local()
@@ -137,7 +138,7 @@ class _QuantizedActivationFn(torch.autograd.Function):
             else:
                 y = rows.reshape(-1)[:numel].view(ctx.shape)
                 grad_in = grad * (y * (1 - y) if spec.op == "sigmoid" else 1 - y * y)
-        return grad_in, None, None, None, None
+        return grad_as(grad_in, ctx.dtype), None, None, None, None
 
 
 def prepare(spec: ActivationSpec, bits: int) -> None:

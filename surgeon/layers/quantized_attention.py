@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from surgeon.layers import bitpack
+from surgeon.layers.precision import autocast_off, cast, compute_dtype, grad_as
 from surgeon.layers.quantized_activation import inside_replacement
 from surgeon.layers.row_quantizer import dequantize_rows, quantize_rows
 
@@ -39,6 +40,15 @@ class _QuantizedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 dropout_p: float, scale: float, bits: int, input_bits: int) -> torch.Tensor:
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        dtype = compute_dtype(q)
+        q, k, v, mask = (cast(t, dtype) for t in (q, k, v, mask))
+        with autocast_off(q):
+            return _QuantizedAttentionFn._forward(ctx, q, k, v, mask, dropout_p, scale, bits, input_bits)
+
+    @staticmethod
+    def _forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 dropout_p: float, scale: float, bits: int, input_bits: int) -> torch.Tensor:
         root = math.sqrt(scale)  # scale both factors, as torch's math route does: q @ k.T alone can overflow fp16
         scores = (q * root) @ (k * root).transpose(-2, -1)
         if mask is not None:
@@ -70,6 +80,12 @@ class _QuantizedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with autocast_off(grad):
+            grads = _QuantizedAttentionFn._backward(ctx, grad.to(ctx.input_dtype))
+        return (*(grad_as(g, dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None, None, None, None)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         saved = ctx.saved_tensors
         if ctx.input_bits < 32:
             q, k, v = (dequantize_rows(*saved[3 * i:3 * i + 3], shape[:-1].numel(), shape[-1], ctx.input_bits,
@@ -94,7 +110,7 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         grad_scores = grad_scores * ctx.scale
         grad_q = grad_scores @ k
         grad_k = grad_scores.transpose(-2, -1) @ q
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return grad_q, grad_k, grad_v
 
 
 def quantized_scaled_dot_product_attention(

@@ -1,0 +1,99 @@
+"""Mixed precision: a bf16-autocast training step runs through every custom autograd function of surgeon and gives
+the gradients of the fp32 step within bf16 precision, each in its parameter's dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import surgeon
+from surgeon.layers.gated_multiply import _GatedMultiplyFn
+from surgeon.layers.memory_variants import _FrozenBatchNormFn, _InputFreeConvFn, _QuantizedLayerNormFn
+from surgeon.layers.quadratic_conv import _QuadraticDepthwiseFn
+from surgeon.layers.quantized_activation import _QuantizedActivationFn
+from surgeon.layers.quantized_attention import _QuantizedAttentionFn
+
+CUSTOM_FUNCTIONS = (_QuadraticDepthwiseFn, _InputFreeConvFn, _FrozenBatchNormFn, _QuantizedLayerNormFn,
+                    _QuantizedActivationFn, _QuantizedAttentionFn, _GatedMultiplyFn)
+
+
+class EveryLayer(nn.Module):
+    """Frozen conv + BatchNorm, depthwise conv, ReLU, GELU, a squeeze-excitation gate, LayerNorm and attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 5, padding=2, groups=16)
+        self.se = nn.Conv2d(16, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.norm = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.gelu(self.dw(x))
+        x = x * self.gate(self.se(x.mean((2, 3), keepdim=True)))
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.head(attended.transpose(1, 2).flatten(2).mean(1))
+
+
+def converted_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = EveryLayer().eval()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    converted = surgeon.convert(model, {"name": "everything", "trainable": ["head.*", "norm.*"], "rules": [
+        {"target": "depthwise_conv", "layer": "quadratic", "saved_input_bits": 8},
+        {"target": "activation", "layer": "quantized", "attention_input_bits": 8},
+        {"target": "conv", "layer": "input_free"}, {"target": "norm", "layer": "frozen"},
+        {"target": "gate", "layer": "quantized"}]}, example_input=torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        converted.dw.weight_a.normal_(0, 0.1)
+    return converted.train()
+
+
+def gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None
+              ) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)  # an input that needs its gradient: every frozen layer passes one back
+    with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return {"input": x.grad, **{name: p.grad for name, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_step_through_every_custom_function(dtype):
+    model = converted_model()
+    x, target = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    applied: list[type] = []
+    originals = {fn: fn.apply for fn in CUSTOM_FUNCTIONS}
+
+    def spy(fn: type):
+        def apply(*args, **kwargs):
+            applied.append(fn)
+            return originals[fn](*args, **kwargs)
+        return apply
+
+    for fn in CUSTOM_FUNCTIONS:
+        fn.apply = spy(fn)
+    try:
+        want = gradients(model, x, target, None)
+        applied.clear()
+        got = gradients(model, x, target, dtype)
+    finally:
+        for fn, apply in originals.items():
+            fn.apply = apply
+    assert set(applied) == set(CUSTOM_FUNCTIONS)  # the low-precision step went through every one of them
+    assert set(got) == set(want) and len(got) == 7
+    for name, grad in got.items():
+        assert grad.dtype == (x if name == "input" else model.get_parameter(name)).dtype, name
+        assert torch.isfinite(grad).all(), name
+        error = (grad - want[name]).norm() / want[name].norm()
+        assert error <= 0.05, (name, error.item())  # bf16 keeps 8 bits of mantissa; fp16 10
