@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.devices import amp_dtype, resolve_device
 from surgeon.errors import SurgeonError
 
 STATE_NAME = "training_state.pt"
@@ -44,6 +45,8 @@ class AdaptOptions:
     out: str | Path | None = None
     resume: bool = False
     stop_after: int | None = None  # train at most this many epochs in this run; the schedule still spans epochs
+    device: str | None = None  # auto | cpu | cuda | cuda:N; None: wherever the model already is
+    amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     log: Callable[[str], None] | None = None
 
@@ -55,6 +58,7 @@ class AdaptOptions:
         for name, ok in checks.items():
             if not ok:
                 raise SurgeonError(f"adapt option {name}={getattr(self, name)!r} is out of range")
+        amp_dtype(self.amp)
 
 
 @dataclass
@@ -86,14 +90,15 @@ class AdaptReport:
 
 
 # ------------------------------------------------------------------------------------------ distributed
-def distributed_setup() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+def distributed_setup(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun: NCCL when this process
+    trains on a GPU (made its current device), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        device = device if device is not None else resolve_device("auto")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -127,17 +132,17 @@ def cosine_factor(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True) -> Accuracy:
+def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True, amp: str = "none") -> Accuracy:
     """Top-1 / top-5 accuracy in percent and the number of images (summed over every rank under DDP)."""
     model.eval()
     device = next(model.parameters()).device
+    dtype = amp_dtype(amp)
     correct1 = correct5 = seen = 0
     with torch.no_grad():
         for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
-            if channels_last:
-                images = images.to(memory_format=torch.channels_last)
-            logits = model(images)
+            images, targets = _to_device(images, targets, device, channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(images)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             correct1 += (top[:, 0] == targets).sum().item()
             correct5 += (top == targets[:, None]).any(dim=-1).sum().item()
@@ -146,6 +151,15 @@ def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True
     if not seen:
         return Accuracy(0.0, 0.0, 0)
     return Accuracy(100.0 * correct1 / seen, 100.0 * correct5 / seen, int(seen))
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the training device (asynchronously from pinned memory on CUDA), in the model's layout."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -225,11 +239,14 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     """Train ``model``'s trainable parameters on ``train_loader`` (batches of ``(images, targets)``)."""
     opts = AdaptOptions(**options)
     say = opts.log or (lambda line: print(line, file=sys.stderr))
-    rank, world = distributed_setup()
     params = require_trainable(model)
-    device = params[0].device
+    device = resolve_device(opts.device) if opts.device is not None else params[0].device
+    rank, world = distributed_setup(device)
+    model.to(device)
     if opts.channels_last:
         model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(opts.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = max(1, steps_per_epoch * opts.epochs)
@@ -245,6 +262,8 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
         state = load_training_state(opts.out)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         report.history = [EpochResult(**entry) for entry in state.get("history", [])]
         restore_rng_states(state["rng"], rank, world)
@@ -265,15 +284,16 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
         started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         bar = _Bar(steps_per_epoch, epoch, opts.epochs) if show_bar else None
         for images, targets in train_loader:
-            images, targets = images.to(device), targets.to(device)
-            if opts.channels_last:
-                images = images.to(memory_format=torch.channels_last)
-            loss = F.cross_entropy(module(images), targets, label_smoothing=opts.label_smoothing)
+            images, targets = _to_device(images, targets, device, opts.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(module(images), targets, label_smoothing=opts.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if opts.clip_grad is not None:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             loss_sum += loss.item()
             batches += 1
@@ -287,12 +307,13 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
         result = EpochResult(epoch=epoch, train_loss=loss_sum / max(batches, 1), lr=optimizer.param_groups[0]["lr"],
                              images_per_second=images_seen / elapsed if elapsed else 0.0)
         if val_loader is not None:
-            result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last)
+            result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last,
+                                                                           opts.amp)
         report.history.append(result)
         if opts.out is not None:
             rng_states = gathered_rng_states(world)
             if rank == 0:
-                _checkpoint(model, opts.out, epoch, optimizer, scheduler, report, rng_states)
+                _checkpoint(model, opts.out, epoch, optimizer, scheduler, report, rng_states, scaler)
         if rank == 0:
             say(_epoch_line(result, opts.epochs))
         if world > 1:
@@ -314,14 +335,16 @@ def _epoch_line(result: EpochResult, epochs: int) -> str:
 
 
 def _checkpoint(model: nn.Module, out: str | Path, epoch: int, optimizer: torch.optim.Optimizer,
-                scheduler: Any, report: AdaptReport, rng_states: list[dict[str, Any]]) -> None:
+                scheduler: Any, report: AdaptReport, rng_states: list[dict[str, Any]],
+                scaler: torch.amp.GradScaler) -> None:
     from surgeon.artifacts import save
 
     final = report.history[-1]
     model.surgeon_metrics = {"epochs_trained": epoch + 1, "train_loss": final.train_loss,
                              "val_top1": final.val_top1, "val_top5": final.val_top5}
     state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_states, "history": [asdict(h) for h in report.history]}
+             "rng": rng_states, "history": [asdict(h) for h in report.history],
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None}
     save(model, out, force=True, extra_writer=lambda staging: torch.save(state, staging / STATE_NAME))
 
 

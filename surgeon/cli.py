@@ -178,6 +178,10 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                                                          "with --resume.")] = None,
           force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
           no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of DIR.")] = False,
+          device: Annotated[str, typer.Option("--device", help="auto (a GPU when one is visible; under torchrun "
+                                              "this rank's), cpu, cuda or cuda:N.")] = "auto",
+          amp: Annotated[str, typer.Option("--amp", help="Mixed precision: none, bf16 or fp16 (with loss "
+                                           "scaling).")] = "none",
           json_output: JsonOpt = False) -> None:
     """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
     import random
@@ -189,8 +193,11 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     from surgeon.adapt import adapt as run_adapt
     from surgeon.adapt import distributed_setup, evaluate, require_trainable, trainable_digest
     from surgeon.data import image_folder_data
+    from surgeon.devices import amp_dtype, resolve_device
 
-    rank, world = distributed_setup()
+    target = resolve_device(device)
+    amp_dtype(amp)
+    rank, world = distributed_setup(target)
     torch.manual_seed(seed)  # same on every rank: a reset head starts identical everywhere
     random.seed(seed)
     numpy.random.seed(seed)
@@ -205,7 +212,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
         raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
     with progress(f"loading {out if resume else directory}"):
         model = surgeon.load(str(out) if resume else directory, verify=not no_verify)
-    folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed)
+    folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed,
+                                              pin_memory=target.type == "cuda")
     if folders.skipped:
         stderr.print(f"warning: skipped {folders.skipped} unreadable image(s)", markup=False)
     if head_classes != getattr(model, "num_classes", head_classes):
@@ -220,14 +228,15 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     elif folders.class_map is not None:
         say("class folders are class indices of the pretrained head: head kept")
     require_trainable(model)
+    model.to(target)
     before = None
     if folders.val is not None and not resume:
-        before = evaluate(model, folders.val, channels_last)
+        before = evaluate(model, folders.val, channels_last, amp)
         say(f"before adaptation: val top-1 {before[0]:.2f}%, top-5 {before[1]:.2f}%")
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
                        seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
-                       stop_after=stop_after)
+                       stop_after=stop_after, device=str(target), amp=amp)
     digest = trainable_digest(model)
     if world > 1:
         print(f"rank {rank}: trainable sha256 {digest}", flush=True)

@@ -77,7 +77,7 @@ def choose_class_map(classes: list[str], num_classes: int) -> dict[str, int] | N
 
 
 def image_folder_data(root: str | Path, model: nn.Module, batch_size: int, workers: int = 0,
-                      distributed: bool = False, seed: int = 0) -> tuple[FolderData, int]:
+                      distributed: bool = False, seed: int = 0, pin_memory: bool = False) -> tuple[FolderData, int]:
     """Loaders for ROOT's train/val splits, and the number of classes the model's head must have."""
     from timm.data import create_transform, resolve_data_config
 
@@ -101,9 +101,10 @@ def image_folder_data(root: str | Path, model: nn.Module, batch_size: int, worke
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
     train_sampler = EpochPermutationSampler(len(train_set), seed=seed, rank=rank, world=world)
     train = DataLoader(EpochSeededDataset(train_set, seed), batch_size=batch_size, sampler=train_sampler,
-                       num_workers=workers, drop_last=len(train_sampler) > batch_size, persistent_workers=workers > 0)
+                       num_workers=workers, drop_last=len(train_sampler) > batch_size, persistent_workers=workers > 0,
+                       pin_memory=pin_memory)
     val = None
     if val_set is not None:
         val = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world),
-                         num_workers=workers)
+                         num_workers=workers, pin_memory=pin_memory)
     return FolderData(train, val, classes, class_map, skipped + val_skipped), head_classes

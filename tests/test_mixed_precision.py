@@ -3,7 +3,10 @@ the gradients of the fp32 step within bf16 precision, each in its parameter's dt
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,3 +100,69 @@ def test_autocast_step_through_every_custom_function(dtype):
         assert torch.isfinite(grad).all(), name
         error = (grad - want[name]).norm() / want[name].norm()
         assert error <= 0.05, (name, error.item())  # bf16 keeps 8 bits of mantissa; fp16 10
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_adapt_trains_under_amp_on_the_cpu(tmp_path, amp):
+    from surgeon.adapt import load_training_state
+
+    model = converted_model()
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 8, 8)
+    targets = (images[:, 0].mean((1, 2)) > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets), batch_size=8)
+    report = surgeon.adapt(model, loader, loader, epochs=3, lr=0.01, device="cpu", amp=amp, out=tmp_path / "run",
+                           log=lambda _: None)
+    losses = [h.train_loss for h in report.history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    state = load_training_state(tmp_path / "run")
+    assert (state["scaler"] is not None) == (amp == "fp16")  # fp16 scales the loss, and resume restores it
+
+
+def test_devices_resolve_or_fail_in_one_line(monkeypatch):
+    from surgeon.devices import resolve_device
+    from surgeon.errors import SurgeonError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("CPU") == torch.device("cpu")
+    for spec, message in (("cuda", "no CUDA device is available"), ("cuda:1", "no CUDA device is available"),
+                          ("tpu", "expected auto, cpu, cuda or cuda:N")):
+        with pytest.raises(SurgeonError, match=message):
+            resolve_device(spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)  # under torchrun: this rank's GPU
+    with pytest.raises(SurgeonError, match="cuda:2 does not exist"):
+        resolve_device("cuda:2")
+
+
+def test_cli_adapt_device_and_amp(tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    torch.manual_seed(0)
+    base = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    surgeon.save(surgeon.convert(base, base={"architecture": "mobilenetv3_small_050", "model_args": {}}),
+                 tmp_path / "art")
+    for split in ("train", "val"):
+        for label in ("0", "1"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (int(label) * 200, i * 40, 0)).save(tmp_path / "data" / split / label /
+                                                                             f"{i}.png")
+    arguments = ["adapt", str(tmp_path / "art"), "--data", str(tmp_path / "data"), "--epochs", "1",
+                 "--batch-size", "4", "--json"]
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "bf16"), "--device", "cpu",
+                                      "--amp", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert torch.isfinite(torch.tensor(json.loads(result.stdout)["history"][0]["train_loss"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: --device cuda: no CUDA device is available")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "gpu").exists()
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "x"), "--amp", "fp8"])
+    assert result.exit_code == 2 and "--amp 'fp8'" in result.output
