@@ -85,5 +85,5 @@ __device__ __forceinline__ void rows_pack(const T* x, const float* low, const fl
     }
 
 SURGEON_PACK_ENTRIES(f32, float)
-SURGEON_PACK_ENTRIES(f16, __half)
-SURGEON_PACK_ENTRIES(bf16, __nv_bfloat16)
+SURGEON_PACK_ENTRIES(f16, surgeon_half)
+SURGEON_PACK_ENTRIES(bf16, surgeon_bfloat16)

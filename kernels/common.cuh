@@ -2,18 +2,54 @@
 // Compiled by NVRTC/nvcc on GPU machines, and by g++ with cpu_emulation.h for the CPU numerics tests.
 #pragma once
 
+// 16-bit storage types of their own, so that no CUDA header is needed at run time: a CuPy built for one CUDA
+// release compiles these sources whatever toolkit headers are (or are not) installed. Same layout as torch's
+// float16 / bfloat16 elements: the raw bits.
+struct alignas(2) surgeon_half {
+    unsigned short bits;
+};
+struct alignas(2) surgeon_bfloat16 {
+    unsigned short bits;
+};
+
 #ifndef SURGEON_CPU_EMULATION
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+__device__ __forceinline__ float half_to_float(surgeon_half h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+    return f;
+}
+__device__ __forceinline__ surgeon_half float_to_half(float f) {
+    surgeon_half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ unsigned int float_bits(float f) { return __float_as_uint(f); }
+__device__ __forceinline__ float bits_float(unsigned int u) { return __uint_as_float(u); }
+#else
+SURGEON_HALF_CONVERSIONS
 #endif
 
+__device__ __forceinline__ float bfloat16_to_float(surgeon_bfloat16 h) { return bits_float((unsigned int)h.bits << 16); }
+__device__ __forceinline__ surgeon_bfloat16 float_to_bfloat16(float f) {
+    // round to nearest even, NaN kept quiet (what __float2bfloat16_rn does)
+    surgeon_bfloat16 h;
+    unsigned int word = float_bits(f);
+    if (f != f) {
+        h.bits = (unsigned short)0x7FC0u;
+        return h;
+    }
+    word += 0x7FFFu + ((word >> 16) & 1u);
+    h.bits = (unsigned short)(word >> 16);
+    return h;
+}
+
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __half* p, long long i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float load_f(const surgeon_half* p, long long i) { return half_to_float(p[i]); }
+__device__ __forceinline__ float load_f(const surgeon_bfloat16* p, long long i) { return bfloat16_to_float(p[i]); }
 
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store_f(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_f(surgeon_half* p, long long i, float v) { p[i] = float_to_half(v); }
+__device__ __forceinline__ void store_f(surgeon_bfloat16* p, long long i, float v) { p[i] = float_to_bfloat16(v); }
 
 // The largest finite float: an upper bound above it means "no upper bound" (ReLU's mask passes +inf).
 #define SURGEON_FLT_MAX 3.402823466e+38f

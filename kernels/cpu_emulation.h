@@ -23,28 +23,30 @@ using std::fmaxf;
 using std::fminf;
 using std::rintf;
 
-struct __half {
-    _Float16 value;
-};
-inline float __half2float(__half h) { return (float)h.value; }
-inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
-
-struct __nv_bfloat16 {
-    uint16_t bits;
-};
-inline float __bfloat162float(__nv_bfloat16 h) {
-    uint32_t word = (uint32_t)h.bits << 16;
+// What common.cuh takes from the GPU (PTX conversions, bit casts), as plain C++; the half conversions are
+// expanded by common.cuh once its storage types exist.
+inline unsigned int float_bits(float f) {
+    unsigned int word;
+    std::memcpy(&word, &f, sizeof word);
+    return word;
+}
+inline float bits_float(unsigned int word) {
     float f;
     std::memcpy(&f, &word, sizeof f);
     return f;
 }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t word;
-    std::memcpy(&word, &f, sizeof word);
-    if (std::isnan(f)) return __nv_bfloat16{(uint16_t)0x7FC0};
-    word += 0x7FFFu + ((word >> 16) & 1u);  // round to nearest even
-    return __nv_bfloat16{(uint16_t)(word >> 16)};
-}
+#define SURGEON_HALF_CONVERSIONS                                                     \
+    inline float half_to_float(surgeon_half h) {                                     \
+        _Float16 v;                                                                  \
+        std::memcpy(&v, &h.bits, sizeof v);                                          \
+        return (float)v;                                                             \
+    }                                                                                \
+    inline surgeon_half float_to_half(float f) {                                     \
+        _Float16 v = (_Float16)f;                                                    \
+        surgeon_half h;                                                              \
+        std::memcpy(&h.bits, &v, sizeof v);                                          \
+        return h;                                                                    \
+    }
 
 // SURGEON_LAUNCH(kernel, grid_x, block_x, args...) runs kernel<<<grid_x, block_x>>>(args...) on the CPU.
 #define SURGEON_LAUNCH(kernel, grid_x, block_x, ...)                                 \

@@ -71,7 +71,7 @@ __device__ __forceinline__ void quadconv_forward(
 
 SURGEON_QUADCONV_ENTRY(quadconv_fwd_f32_nchw, float, false)
 SURGEON_QUADCONV_ENTRY(quadconv_fwd_f32_nhwc, float, true)
-SURGEON_QUADCONV_ENTRY(quadconv_fwd_f16_nchw, __half, false)
-SURGEON_QUADCONV_ENTRY(quadconv_fwd_f16_nhwc, __half, true)
-SURGEON_QUADCONV_ENTRY(quadconv_fwd_bf16_nchw, __nv_bfloat16, false)
-SURGEON_QUADCONV_ENTRY(quadconv_fwd_bf16_nhwc, __nv_bfloat16, true)
+SURGEON_QUADCONV_ENTRY(quadconv_fwd_f16_nchw, surgeon_half, false)
+SURGEON_QUADCONV_ENTRY(quadconv_fwd_f16_nhwc, surgeon_half, true)
+SURGEON_QUADCONV_ENTRY(quadconv_fwd_bf16_nchw, surgeon_bfloat16, false)
+SURGEON_QUADCONV_ENTRY(quadconv_fwd_bf16_nhwc, surgeon_bfloat16, true)

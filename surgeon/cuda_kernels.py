@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,23 +33,10 @@ def kernel_source(name: str) -> str:
     return re.sub(r'#include "common\.cuh"', lambda _: common, text)
 
 
-def cuda_include_dirs() -> list[str]:
-    """Directories holding ``cuda_fp16.h``: $CUDA_PATH, the toolkit beside nvcc, torch's nvidia wheels."""
-    candidates = []
-    for variable in ("CUDA_PATH", "CUDA_HOME"):
-        if os.environ.get(variable):
-            candidates.append(Path(os.environ[variable]) / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    for entry in sys.path:
-        nvidia = Path(entry) / "nvidia"
-        if nvidia.is_dir():
-            candidates.extend(sorted(nvidia.glob("cu*/include")))
-            candidates.append(nvidia / "cuda_runtime" / "include")
-    return [str(c) for c in candidates if (c / "cuda_fp16.h").is_file()]
-
-
 def nvrtc_options() -> tuple[str, ...]:
-    return ("-std=c++17", *(f"-I{d}" for d in cuda_include_dirs()))
+    """The kernels include no CUDA header (``common.cuh`` has its own 16-bit types), so no include path is
+    passed and the toolkit's headers can never disagree with CuPy's NVRTC."""
+    return ("-std=c++17",)
 
 
 @lru_cache(maxsize=1)

@@ -21,10 +21,10 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 QUADCONV_LAUNCHER(quadconv_fwd_f32_nchw, float)
 QUADCONV_LAUNCHER(quadconv_fwd_f32_nhwc, float)
-QUADCONV_LAUNCHER(quadconv_fwd_f16_nchw, __half)
-QUADCONV_LAUNCHER(quadconv_fwd_f16_nhwc, __half)
-QUADCONV_LAUNCHER(quadconv_fwd_bf16_nchw, __nv_bfloat16)
-QUADCONV_LAUNCHER(quadconv_fwd_bf16_nhwc, __nv_bfloat16)
+QUADCONV_LAUNCHER(quadconv_fwd_f16_nchw, surgeon_half)
+QUADCONV_LAUNCHER(quadconv_fwd_f16_nhwc, surgeon_half)
+QUADCONV_LAUNCHER(quadconv_fwd_bf16_nchw, surgeon_bfloat16)
+QUADCONV_LAUNCHER(quadconv_fwd_bf16_nhwc, surgeon_bfloat16)
 
 extern "C" void launch_pack_codes(unsigned grid, unsigned block, const unsigned char *codes, unsigned char *out,
                                   long long n, int bits) {
