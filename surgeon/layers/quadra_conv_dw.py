@@ -138,7 +138,9 @@ class QuadraConvDW(nn.Module):
         from surgeon import cuda_kernels
 
         if cuda_kernels.usable(x):
-            return cuda_kernels.quadratic_dwconv(self, x)
+            fused = cuda_kernels.quadratic_dwconv(self, x)
+            if fused is not None:
+                return fused
         if self.branch_a is not None and self.branch_b is not None:
             return self.forward_atrous(x)
         return self.forward_dense(x)

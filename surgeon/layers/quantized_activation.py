@@ -59,18 +59,28 @@ def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
     low, high = _mask_bounds(spec)
     from surgeon import cuda_kernels
 
+    def torch_route() -> torch.Tensor:
+        mask = x > low if high == math.inf else (x > low) & (x < high)
+        return bitpack.pack(mask, 1)
+
     if cuda_kernels.usable(x):
-        return cuda_kernels.mask_pack(x, low, high)
-    mask = x > low if high == math.inf else (x > low) & (x < high)
-    return bitpack.pack(mask, 1)
+        packed = cuda_kernels.mask_pack(x, low, high, torch_route)
+        if packed is not None:
+            return packed
+    return torch_route()
 
 
 def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
     from surgeon import cuda_kernels
 
+    def torch_route() -> torch.Tensor:
+        return bitpack.pack(encode(x, book), bits)
+
     if cuda_kernels.usable(x):
-        return cuda_kernels.codebook_pack(x, book, bits)
-    return bitpack.pack(encode(x, book), bits)
+        packed = cuda_kernels.codebook_pack(x, book, bits, torch_route)
+        if packed is not None:
+            return packed
+    return torch_route()
 
 
 def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:

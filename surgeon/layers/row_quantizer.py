@@ -48,11 +48,15 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     offset = values.new_zeros(0) if nonnegative else low
     from surgeon import cuda_kernels  # imported here: cuda_kernels itself imports this module
 
+    def torch_route() -> torch.Tensor:
+        codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
+        return bitpack.pack(codes, bits)
+
     if cuda_kernels.usable(matrix):
-        packed = cuda_kernels.rows_pack(matrix, None if nonnegative else low, step, bits)
-        return QuantizedRows(packed, offset, step, rows, width, bits)
-    codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
-    return QuantizedRows(bitpack.pack(codes, bits), offset, step, rows, width, bits)
+        packed = cuda_kernels.rows_pack(matrix, None if nonnegative else low, step, bits, torch_route)
+        if packed is not None:
+            return QuantizedRows(packed, offset, step, rows, width, bits)
+    return QuantizedRows(torch_route(), offset, step, rows, width, bits)
 
 
 def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

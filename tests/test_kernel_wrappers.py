@@ -1,0 +1,205 @@
+"""The real CUDA kernel wrappers (``surgeon.cuda_kernels``) run against a fake CuPy that launches the same ``.cu``
+sources on the CPU: argument order and types, streams and the device guard, autograd routing, dtype guard,
+compile-failure fall-back and the first-use self-check. The harness itself is shown to catch wrong argument
+types and out-of-bounds accesses."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from surgeon import cuda_kernels
+from surgeon.layers import bitpack
+from surgeon.layers.activation_ops import ActivationSpec
+from surgeon.layers.derivative_codebook import codebook
+from surgeon.layers.quantized_activation import pack_codes, pack_mask
+from surgeon.layers.row_quantizer import quantize_rows
+from tests import fake_cupy
+from tests.test_kernels import merged_layer
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return fake_cupy.build_harness(tmp_path_factory.mktemp("fake-cupy"))
+
+
+@pytest.fixture()
+def gpu(harness, monkeypatch):
+    """CPU tensors stand for device tensors; CuPy is the fake; the device guard records what it guards."""
+    state = fake_cupy.State(*harness)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy.install(state))
+    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: True)
+
+    @contextmanager
+    def guard(device):
+        state.device, state.guard_stream = device, 0xC0FFEE
+        try:
+            yield state.guard_stream
+        finally:
+            state.device = state.guard_stream = None
+
+    monkeypatch.setattr(cuda_kernels, "device_guard", guard)
+    cuda_kernels.REGISTRY.clear()
+    cuda_kernels._DEVICE_COPIES.clear()
+    yield state
+    cuda_kernels.REGISTRY.clear()
+    cuda_kernels._DEVICE_COPIES.clear()
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grad", ["none", "input", "weights"])
+def test_quadconv_wrapper_matches_the_torch_route(gpu, dtype, channels_last, grad):
+    torch.manual_seed(0)
+    layer = merged_layer(5, 2, 2, 1, 2, False).to(dtype)
+    x = torch.randn(2, 5, 11, 9).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = layer.double().forward_dense(x.double())
+    layer.to(dtype)
+    if grad == "input":
+        x.requires_grad_(True)
+    elif grad == "weights":
+        layer.P.conv1.weight.requires_grad_(True)
+    y = layer(x)
+    launched = [launch.name for launch in gpu.launches]
+    if grad == "none":  # the fused kernel ran, under the device guard and on its stream
+        suffix = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+        assert launched == [f"quadconv_fwd_{suffix}_{'nhwc' if channels_last else 'nchw'}"]
+        assert gpu.launches[0].stream == gpu.launches[0].guard_stream == 0xC0FFEE
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    else:  # a gradient is needed: the torch route, which autograd can differentiate
+        assert launched == []
+        y.float().sum().backward()
+        assert (x.grad if grad == "input" else layer.P.conv1.weight.grad) is not None
+    assert y.dtype == dtype
+    scale = max(1.0, want.abs().max().item())
+    assert (y.detach().double() - want).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_quadconv_weights_are_cast_once_and_recast_when_they_change(gpu):
+    torch.manual_seed(0)
+    layer = merged_layer(3, 1, 1, 1, 1, False)
+    x = torch.randn(1, 5, 8, 8)
+    first = layer(x)
+    cached = layer._kernel_weights
+    layer(x)
+    assert layer._kernel_weights is cached and len(cached) == 1
+    with torch.no_grad():
+        layer.P.conv1.weight.mul_(2)  # an in-place change bumps the version: the cache must follow
+    changed = layer(x)
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, layer.forward_dense(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pack_wrappers_match_the_torch_packers(gpu, dtype, monkeypatch):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 5, 11) * 4).to(dtype).requires_grad_(True)  # as inside an autograd forward
+    rows = torch.randn(13, 37).to(dtype)
+    relu, book = ActivationSpec("relu6", ()), codebook("gelu", 4)
+    q = quantize_rows(rows, 4)
+    got = (pack_mask(x, relu), pack_codes(x, book, 4), q.packed)
+    assert {launch.name for launch in gpu.launches} == {f"{kind}_{fake_cupy_suffix(dtype)}"
+                                                        for kind in ("mask_pack", "codebook_pack", "rows_pack")}
+    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
+    want = (pack_mask(x, relu), pack_codes(x, book, 4), quantize_rows(rows, 4).packed)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def fake_cupy_suffix(dtype: torch.dtype) -> str:
+    return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
+def test_float64_and_integer_inputs_take_the_torch_route(gpu):
+    torch.manual_seed(0)
+    layer = merged_layer(3, 1, 1, 1, 1, False).double()
+    x = torch.randn(1, 5, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer.forward_dense(x))
+    packed = pack_mask(x, ActivationSpec("relu", ()))
+    assert torch.equal(packed, bitpack.pack(x > 0, 1))
+    assert gpu.launches == []
+
+
+def test_a_compile_failure_is_one_warning_and_the_torch_route_runs(gpu):
+    gpu.fail_compile = "nvrtc: error: identifier \"__nv_bfloat16\" is undefined"
+    x = torch.randn(100)
+    with pytest.warns(cuda_kernels.KernelWarning, match="did not compile .*__nv_bfloat16"):
+        first = pack_mask(x, ActivationSpec("relu", ()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning, no second compile
+        second = pack_mask(x, ActivationSpec("relu", ()))
+    assert torch.equal(first, bitpack.pack(x > 0, 1)) and torch.equal(second, first)
+    assert gpu.launches == [] and gpu.compiled == []
+
+
+def test_the_self_check_disables_a_kernel_that_disagrees(gpu):
+    torch.manual_seed(0)
+    layer = merged_layer(3, 1, 1, 1, 2, False)
+    x = torch.randn(2, 5, 9, 9)
+    gpu.corrupt = {"quadconv_fwd_f32_nchw"}
+    with pytest.warns(cuda_kernels.KernelWarning, match="quadconv_fwd_f32_nchw disagrees with the torch route"):
+        first = layer(x)
+    torch.testing.assert_close(first, layer.forward_dense(x))  # the torch route's answer, not the kernel's
+    launches = len(gpu.launches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(layer(x), layer.forward_dense(x))
+    assert len(gpu.launches) == launches  # disabled on this device: not launched again
+    gpu.corrupt = set()
+    channels_last = layer(x.contiguous(memory_format=torch.channels_last))  # another kernel is unaffected
+    assert gpu.launches[-1].name == "quadconv_fwd_f32_nhwc"
+    torch.testing.assert_close(channels_last, layer.forward_dense(x))
+
+
+# ------------------------------------------------------------------------------------------ the harness can fail
+def launch_mask_pack(gpu, x, out, n, low=None, high=None):
+    low = np.float32(0) if low is None else low
+    high = np.float32(6) if high is None else high
+    function = sys.modules["cupy"].RawModule(code="", options=()).get_function("mask_pack_f32")
+    cupy = sys.modules["cupy"]
+    with cuda_kernels.device_guard(torch.device("cpu")) as stream, cupy.cuda.ExternalStream(stream):
+        function((1,), (32,), (cupy.from_dlpack(x), low, high, cupy.from_dlpack(out), n))
+
+
+def test_the_harness_rejects_wrong_argument_types(gpu):
+    x, out = torch.randn(64), torch.zeros(8, dtype=torch.uint8)
+    launch_mask_pack(gpu, x, out, np.int64(64))
+    assert torch.equal(out, bitpack.pack((x > 0) & (x < 6), 1))
+    with pytest.raises(fake_cupy.LaunchError, match=r"argument 4 \(long long\).*expected int64, got int32"):
+        launch_mask_pack(gpu, x, out, np.int32(64))
+    with pytest.raises(fake_cupy.LaunchError, match=r"argument 1 \(float\).*expected float32, got float64"):
+        launch_mask_pack(gpu, x, out, np.int64(64), low=np.float64(0))
+    with pytest.raises(fake_cupy.LaunchError, match=r"argument 0 .*expected torch.float32, got .*float16"):
+        launch_mask_pack(gpu, x.half(), out, np.int64(64))
+
+
+@pytest.mark.parametrize("n", [65, 64 + 8 * 40])
+def test_the_harness_catches_out_of_bounds_accesses(gpu, n):
+    x, out = torch.randn(64), torch.zeros(8, dtype=torch.uint8)  # n > 64 reads past x and writes past out
+    with pytest.raises(fake_cupy.LaunchError, match="SIGSEGV - a load or store past the end"):
+        launch_mask_pack(gpu, x, out, np.int64(n))
+
+
+def test_the_harness_requires_the_device_guard_and_its_stream(gpu):
+    cupy = sys.modules["cupy"]
+    function = cupy.RawModule(code="", options=()).get_function("mask_pack_f32")
+    arguments = (cupy.from_dlpack(torch.randn(8)), np.float32(0), np.float32(6),
+                 cupy.from_dlpack(torch.zeros(1, dtype=torch.uint8)), np.int64(8))
+    with pytest.raises(fake_cupy.LaunchError, match="outside the device guard"):
+        function((1,), (32,), arguments)
+    with cuda_kernels.device_guard(torch.device("cpu")), cupy.cuda.ExternalStream(123):
+        with pytest.raises(fake_cupy.LaunchError, match="outside the stream of the device guard"):
+            function((1,), (32,), arguments)
+    with pytest.raises(BufferError, match="require gradient"):
+        cupy.from_dlpack(torch.randn(3, requires_grad=True))
