@@ -12,8 +12,8 @@ kernel can never be the only way to a result:
 * first-use self-check: the first call of each (kernel, device) is compared with the torch route on that call's
   input; a mismatch beyond the dtype's tolerance disables that kernel on that device, with one warning.
 
-Compiled functions, weights cast to the input's dtype and codebooks on the device are cached, so a steady-state
-call does no compile, lookup, cast or host-to-device copy.
+Compiled functions and weights cast to the input's dtype are cached here, codebooks on the device by
+:mod:`surgeon.kernel_ops`, so a steady-state call does no compile, lookup, cast or host-to-device copy.
 """
 
 from __future__ import annotations
@@ -192,25 +192,30 @@ class QuadconvLaunch:
     channels_last: bool
 
 
-def quadconv_arguments(layer: Any, x: torch.Tensor, channels_last: bool | None = None) -> QuadconvLaunch | None:
-    """Kernel name and integer arguments for a :class:`QuadraConvDW` on input ``x`` (None: unsupported)."""
-    if x.dtype not in _DTYPE_SUFFIX or x.dim() != 4 or layer.rank > MAX_RANK or max(layer.span) > MAX_SPAN:
+def quadconv_launch(x: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                    span: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int], rank: int,
+                    has_bias: bool, channels_last: bool | None = None) -> QuadconvLaunch | None:
+    """Kernel name and integer arguments for input ``x`` (None: a case the kernel does not cover)."""
+    if x.dtype not in _DTYPE_SUFFIX or x.dim() != 4 or rank > MAX_RANK or max(span) > MAX_SPAN:
         return None
     if channels_last is None:
         channels_last = is_channels_last(x)
     n, c, h, w = x.shape
-    left, right, top, bottom = layer.pads(x)
-    sh, sw = layer.span
-    ho = (h + top + bottom - sh) // layer.stride[0] + 1
-    wo = (w + left + right - sw) // layer.stride[1] + 1
+    left, right, top, bottom = pads
+    ho = (h + top + bottom - span[0]) // stride[0] + 1
+    wo = (w + left + right - span[1]) // stride[1] + 1
     total = n * c * ho * wo
     grid = max(1, min((total + BLOCK - 1) // BLOCK, 65535 * 8))
-    kh, kw = layer.kernel_size
-    dh, dw = layer.dilation
-    ints = (n, c, h, w, ho, wo, kh, kw, dh, dw, sh, sw, layer.stride[0], layer.stride[1], top, left, layer.rank,
-            int(layer.P.conv3.bias is not None))
+    ints = (n, c, h, w, ho, wo, *kernel_size, *dilation, *span, *stride, top, left, rank, int(has_bias))
     name = f"quadconv_fwd_{_DTYPE_SUFFIX[x.dtype]}_{'nhwc' if channels_last else 'nchw'}"
     return QuadconvLaunch(name, grid, BLOCK, ints, (n, c, ho, wo), channels_last)
+
+
+def quadconv_arguments(layer: Any, x: torch.Tensor, channels_last: bool | None = None) -> QuadconvLaunch | None:
+    """:func:`quadconv_launch` for a :class:`QuadraConvDW` on input ``x``."""
+    return quadconv_launch(x, tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.span),
+                           tuple(layer.stride), tuple(layer.pads(x)), layer.rank, layer.P.conv3.bias is not None,
+                           channels_last)
 
 
 def output_tensor(launch: QuadconvLaunch, like: torch.Tensor) -> torch.Tensor:
@@ -218,32 +223,36 @@ def output_tensor(launch: QuadconvLaunch, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(launch.output_shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def layer_weights(layer: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(conv3 weight, bias or conv3 weight as a placeholder, conv1 weight, conv2 weight) in ``dtype``, contiguous,
-    cached on the layer until a weight changes (tracked by the tensors' version counters)."""
+def layer_weights(layer: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """(conv3 weight, bias or None, conv1 weight, conv2 weight) in ``dtype`` on ``device``, contiguous, cached on
+    the layer until a weight changes (tracked by the tensors' version counters)."""
     params = [layer.P.conv3.weight, layer.P.conv3.bias, layer.P.conv1.weight, layer.P.conv2.weight]
     stamp = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
     cache: dict[Any, Any] = layer.__dict__.setdefault("_kernel_weights", {})
     key = (dtype, str(device))
     if key not in cache or cache[key][0] != stamp:
-        w3, bias, w1, w2 = (p.detach().to(device=device, dtype=dtype).contiguous() if p is not None else None
-                            for p in params)
-        cache[key] = (stamp, (w3, bias if bias is not None else w3, w1, w2))
+        cache[key] = (stamp, tuple(p.detach().to(device=device, dtype=dtype).contiguous() if p is not None
+                                   else None for p in params))
     return cache[key][1]
 
 
-def quadratic_dwconv(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """Fused forward of a merged quadratic layer on the GPU; None when the torch route must run instead."""
+def fused_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+                    stride: tuple[int, ...], pads: tuple[int, ...], dilation: tuple[int, ...], rank: int,
+                    reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """The fused quadratic depthwise forward on the GPU; None when the torch route must run instead. Weights
+    must already have ``x``'s dtype (:func:`layer_weights` keeps such copies)."""
     import numpy as np
 
-    params = (layer.P.conv3.weight, layer.P.conv3.bias, layer.P.conv1.weight, layer.P.conv2.weight)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    if any(t.dtype != x.dtype for t in (w3, w1, w2) + ((b3,) if b3 is not None else ())):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w3, b3, w1, w2)):
         return None  # forward-only kernel: autograd goes through the torch route
-    launch = quadconv_arguments(layer, x)
+    kernel_size, span = tuple(w3.shape[-2:]), tuple(w1.shape[-2:])
+    launch = quadconv_launch(x, kernel_size, dilation, span, stride, pads, rank, b3 is not None)  # type: ignore[arg-type]
     if launch is None or not _enabled(launch.kernel, x.device):
         return None
     x = x.contiguous(memory_format=torch.channels_last if launch.channels_last else torch.contiguous_format)
-    weights = layer_weights(layer, x.dtype, x.device)
+    weights = tuple(t.contiguous() for t in (w3, b3 if b3 is not None else w3, w1, w2))
     y = output_tensor(launch, x)
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
@@ -251,8 +260,7 @@ def quadratic_dwconv(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
 
     if not _launch("quadratic_dwconv.cu", launch.kernel, launch.grid, x.device, arguments):
         return None
-    return _checked(launch.kernel, x.device, y, lambda: layer.forward_dense(x),
-                    SELF_CHECK_TOLERANCE[x.dtype])
+    return _checked(launch.kernel, x.device, y, reference, SELF_CHECK_TOLERANCE[x.dtype])
 
 
 # ------------------------------------------------------------------------------------------ quantize + pack
@@ -282,9 +290,10 @@ def mask_pack(x: torch.Tensor, low: float, high: float, reference: Callable[[], 
     return _checked(entry, x.device, out, reference, None)
 
 
-def codebook_pack(x: torch.Tensor, book: Any, bits: int, reference: Callable[[], torch.Tensor]
-                  ) -> torch.Tensor | None:
-    """Derivative-interval codes of a CUDA tensor, packed in one kernel."""
+def codebook_pack(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: int,
+                  reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Derivative-interval codes of a CUDA tensor (grid ``low + k * step``, cell k -> ``cell_codes[k]``), packed
+    in one kernel."""
     import numpy as np
 
     flat = _pack_input(x)
@@ -292,9 +301,9 @@ def codebook_pack(x: torch.Tensor, book: Any, bits: int, reference: Callable[[],
     if flat is None or not _enabled(entry, x.device):
         return None
     out = _packed_output(flat, bits)
-    cells = _on_device(book.cell_codes, x.device)
+    cells = cell_codes.to(x.device).contiguous()  # a no-op once the caller keeps it on the device
     if not _launch("bitpack.cu", entry, _pack_grid(out), x.device, lambda cupy: (
-            _flat(cupy, flat), np.float32(book.low), np.float32(book.step), _flat(cupy, cells),
+            _flat(cupy, flat), np.float32(low), np.float32(step), _flat(cupy, cells),
             np.int32(cells.numel()), _flat(cupy, out), np.int64(flat.numel()), np.int32(bits))):
         return None
     return _checked(entry, x.device, out, reference, None)
@@ -321,14 +330,3 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
 
 def _pack_grid(out: torch.Tensor) -> int:
     return max(1, min((out.numel() + BLOCK - 1) // BLOCK, 65535 * 8))
-
-
-_DEVICE_COPIES: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A constant (a codebook's cell codes) copied to ``device`` once."""
-    key = (id(tensor), str(device))
-    if key not in _DEVICE_COPIES:
-        _DEVICE_COPIES[key] = tensor.to(device).contiguous()
-    return _DEVICE_COPIES[key]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from surgeon import cuda_kernels
+from surgeon import cuda_kernels, kernel_ops
 from surgeon.layers import bitpack
 from surgeon.layers.activation_ops import ActivationSpec
 from surgeon.layers.derivative_codebook import codebook
@@ -45,10 +45,10 @@ def gpu(harness, monkeypatch):
 
     monkeypatch.setattr(cuda_kernels, "device_guard", guard)
     cuda_kernels.REGISTRY.clear()
-    cuda_kernels._DEVICE_COPIES.clear()
+    kernel_ops._CELL_CODES.clear()
     yield state
     cuda_kernels.REGISTRY.clear()
-    cuda_kernels._DEVICE_COPIES.clear()
+    kernel_ops._CELL_CODES.clear()
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -203,3 +203,31 @@ def test_the_harness_requires_the_device_guard_and_its_stream(gpu):
             function((1,), (32,), arguments)
     with pytest.raises(BufferError, match="require gradient"):
         cupy.from_dlpack(torch.randn(3, requires_grad=True))
+
+
+# ------------------------------------------------------------------------------------------ torch.library ops
+def test_fused_ops_are_real_torch_library_ops():
+    torch.manual_seed(0)
+    layer = merged_layer(5, 2, 2, 1, 2, False)
+    x = torch.randn(2, 5, 11, 9)
+    w3, b3, w1, w2 = cuda_kernels.layer_weights(layer, x.dtype, x.device)
+    conv_args = (x, w3, b3, w1, w2, list(layer.stride), list(layer.pads(x)), list(layer.dilation), layer.rank)
+    torch.testing.assert_close(kernel_ops.quadratic_dwconv(*conv_args), layer.forward_dense(x))
+    book = codebook("gelu", 4)
+    rows = torch.randn(6, 20)
+    q = quantize_rows(rows, 4)
+    cases = [(kernel_ops.quadratic_dwconv, conv_args), (kernel_ops.mask_pack, (x, 0.0, 6.0)),
+             (kernel_ops.codebook_pack, (x, book.cell_codes, book.low, book.step, 4)),
+             (kernel_ops.rows_pack, (rows, q.offset, q.step, 4)), (kernel_ops.rows_pack, (rows.abs(), None, q.step, 4))]
+    for op, args in cases:  # schema, fake (meta) implementation, dispatch under compile/export tracing
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+    class Merged(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return kernel_ops.quadratic_dwconv(t, w3, b3, w1, w2, [2, 2], list(layer.pads(x)), [1, 1], 2)
+
+    exported = torch.export.export(Merged(), (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets == [torch.ops.surgeon.quadratic_dwconv.default]  # one node, not an opaque call
+    compiled = torch.compile(Merged(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer.forward_dense(x))

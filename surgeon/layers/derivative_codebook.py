@@ -126,8 +126,12 @@ def cell_index(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
 
     Same float operations as the CUDA kernel (subtract, divide, add 0.5, floor), so both give the same cells.
     """
-    cells = book.cell_codes.numel()
-    t = x.float().sub(book.low).div_(book.step).add_(0.5).floor_().clamp_(0, cells - 1).nan_to_num_(0.0)
+    return grid_cells(x, book.low, book.step, book.cell_codes.numel())
+
+
+def grid_cells(x: torch.Tensor, low: float, step: float, cells: int) -> torch.Tensor:
+    """:func:`cell_index` from the grid's numbers alone (what the packing op receives)."""
+    t = x.float().sub(low).div_(step).add_(0.5).floor_().clamp_(0, cells - 1).nan_to_num_(0.0)
     return t.to(torch.int32)
 
 

@@ -135,12 +135,14 @@ class QuadraConvDW(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from surgeon import cuda_kernels
+        from surgeon import cuda_kernels, kernel_ops
 
-        if cuda_kernels.usable(x):
-            fused = cuda_kernels.quadratic_dwconv(self, x)
-            if fused is not None:
-                return fused
+        weights = (self.P.conv3.weight, self.P.conv3.bias, self.P.conv1.weight, self.P.conv2.weight)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
+        if cuda_kernels.usable(x) and not needs_grad and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            w3, b3, w1, w2 = cuda_kernels.layer_weights(self, x.dtype, x.device)
+            return kernel_ops.quadratic_dwconv(x, w3, b3, w1, w2, list(self.stride), list(self.pads(x)),
+                                               list(self.dilation), self.rank)
         if self.branch_a is not None and self.branch_b is not None:
             return self.forward_atrous(x)
         return self.forward_dense(x)

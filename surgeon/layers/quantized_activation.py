@@ -19,7 +19,7 @@ from torch import nn
 
 from surgeon.layers import bitpack
 from surgeon.layers.activation_ops import FUNCTION_KEYS, ActivationSpec
-from surgeon.layers.derivative_codebook import codebook, decode, encode
+from surgeon.layers.derivative_codebook import codebook, decode
 from surgeon.layers.precision import grad_as
 from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
 
@@ -56,31 +56,17 @@ def _mask_bounds(spec: ActivationSpec) -> tuple[float, float]:
 def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
     """1-bit ``low < x < high``: ±inf follow the derivative's limit (ReLU passes +inf, ReLU6 blocks it), NaN
     blocks the gradient. The CUDA kernel computes the same bits."""
+    from surgeon import kernel_ops
+
     low, high = _mask_bounds(spec)
-    from surgeon import cuda_kernels
-
-    def torch_route() -> torch.Tensor:
-        mask = x > low if high == math.inf else (x > low) & (x < high)
-        return bitpack.pack(mask, 1)
-
-    if cuda_kernels.usable(x):
-        packed = cuda_kernels.mask_pack(x, low, high, torch_route)
-        if packed is not None:
-            return packed
-    return torch_route()
+    return kernel_ops.mask_pack(x.detach(), low, high)
 
 
 def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
-    from surgeon import cuda_kernels
+    from surgeon import kernel_ops
 
-    def torch_route() -> torch.Tensor:
-        return bitpack.pack(encode(x, book), bits)
-
-    if cuda_kernels.usable(x):
-        packed = cuda_kernels.codebook_pack(x, book, bits, torch_route)
-        if packed is not None:
-            return packed
-    return torch_route()
+    cells = kernel_ops.cell_codes_on(book.cell_codes, x.device)
+    return kernel_ops.codebook_pack(x.detach(), cells, book.low, book.step, bits)
 
 
 def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:

@@ -38,38 +38,31 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way)."""
     rows, width = matrix.shape
     levels = 2**bits - 1
-    values = matrix.float()
-    high = values.amax(dim=1, keepdim=True)
-    low = values.new_zeros(rows, 1) if nonnegative else values.amin(dim=1, keepdim=True)
+    # row ends in the input's own dtype (exact), then fp32: no fp32 copy of a half-precision matrix
+    high = matrix.amax(dim=1, keepdim=True).float()
+    low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=1, keepdim=True).float()
     spoiled = not bool(torch.isfinite(high).all() and torch.isfinite(low).all())
     if spoiled:
-        values, low, high = _finite_range(values, nonnegative)
+        low, high = _finite_range(matrix, nonnegative)
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    offset = values.new_zeros(0) if nonnegative else low
-    from surgeon import cuda_kernels  # imported here: cuda_kernels itself imports this module
+    offset = high.new_zeros(0) if nonnegative else low
+    from surgeon import kernel_ops  # imported here: kernel_ops (through cuda_kernels) imports this module
 
-    def torch_route() -> torch.Tensor:
-        codes = torch.round((values - low) / step).clamp_(0, levels).to(torch.uint8)
-        return bitpack.pack(codes, bits)
-
-    if cuda_kernels.usable(matrix):
-        packed = cuda_kernels.rows_pack(matrix, None if nonnegative else low, step, bits, torch_route)
-        if packed is not None:
-            return QuantizedRows(packed, offset, step, rows, width, bits)
-    return QuantizedRows(torch_route(), offset, step, rows, width, bits)
+    packed = kernel_ops.rows_pack(matrix.detach(), None if nonnegative else low, step, bits)
+    return QuantizedRows(packed, offset, step, rows, width, bits)
 
 
-def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row ends over finite values only (0 for a row with none), and the values with NaN sent to -inf so they
-    clamp to code 0. Only runs when a row holds a non-finite value."""
+def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ends over finite values only (0 for a row with none). Only runs when a row holds a non-finite
+    value; the packer then saturates ±inf and sends NaN to code 0."""
     finite = torch.isfinite(values)
-    high = values.masked_fill(~finite, -math.inf).amax(dim=1, keepdim=True)
-    low = values.new_zeros(values.shape[0], 1) if nonnegative else \
-        values.masked_fill(~finite, math.inf).amin(dim=1, keepdim=True)
+    high = values.masked_fill(~finite, -math.inf).amax(dim=1, keepdim=True).float()
+    low = high.new_zeros(values.shape[0], 1) if nonnegative else \
+        values.masked_fill(~finite, math.inf).amin(dim=1, keepdim=True).float()
     empty = ~finite.any(dim=1, keepdim=True)
     high = high.masked_fill(empty, 0.0)
     low = low.masked_fill(empty, 0.0)
-    return values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf), low, high
+    return low, high
 
 
 def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
