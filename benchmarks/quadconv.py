@@ -52,7 +52,9 @@ def _layer_row(channels: int, size: int, device: str, rounds: int) -> str:
         "atrous": lambda: layer.forward_atrous(x),
     }
     if device == "cuda" and cuda_kernels.available():
-        candidates["fused"] = lambda: cuda_kernels.quadratic_dwconv(layer, x)
+        w3, b3, w1, w2 = cuda_kernels.layer_weights(layer, x.dtype, x.device)
+        candidates["fused"] = lambda: cuda_kernels.fused_quadratic(
+            x, w3, b3, w1, w2, layer.stride, layer.pads(x), layer.dilation, layer.rank, lambda: layer.forward_dense(x))
     with torch.no_grad():
         times = compare(candidates, rounds=rounds)
     row = (f"| {channels}x{size}x{size} | {times['plain']:.2f} | {times['dense']:.2f} | {times['atrous']:.2f} | "

@@ -5,9 +5,12 @@ types and out-of-bounds accesses."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +234,12 @@ def test_fused_ops_are_real_torch_library_ops():
     assert targets == [torch.ops.surgeon.quadratic_dwconv.default]  # one node, not an opaque call
     compiled = torch.compile(Merged(), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer.forward_dense(x))
+
+
+def test_the_gpu_acceptance_check_refuses_a_machine_without_cuda():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: no CUDA device is visible (torch.cuda.is_available() is False); run this on a GPU machine"]
