@@ -1,6 +1,7 @@
 """surgeon: convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
 
 from surgeon.adapt import adapt
+from surgeon.adapter_artifacts import save_adapter, trainable_summary
 from surgeon.api import convert, output_difference, plan, trainable_parameters
 from surgeon.artifacts import load, save
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
@@ -27,6 +28,8 @@ __all__ = [
     "plan",
     "push_to_hub",
     "save",
+    "save_adapter",
     "save_merged",
     "trainable_parameters",
+    "trainable_summary",
 ]

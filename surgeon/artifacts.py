@@ -26,6 +26,7 @@ from surgeon.recipe import parse_recipe
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 FORMAT_CONVERTED = "converted"
 
 
@@ -182,10 +183,13 @@ def build_base(config: dict[str, Any], directory: Path) -> nn.Module:
 
 def load(location: str | Path, model: nn.Module | None = None, verify: bool = True, revision: str | None = None,
          token: str | None = None) -> nn.Module:
-    """Rebuild a saved artifact. ``model`` is the *unconverted* base model for non-timm architectures."""
-    from surgeon.api import convert
-
+    """Rebuild a saved artifact. ``model`` is the *unconverted* base model for non-timm architectures (and, for an
+    adapter-only artifact, the pretrained base its adapters apply to)."""
     directory = resolve_directory(location, revision=revision, token=token)
+    if not (directory / CONFIG_NAME).is_file() and (directory / ADAPTER_CONFIG_NAME).is_file():
+        from surgeon.adapter_artifacts import load_adapter
+
+        return load_adapter(directory, model, verify)
     config = read_artifact_config(directory)
     section = config["surgeon"]
     weights = verified_weights(directory, section, verify)
@@ -195,20 +199,34 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
         return load_merged(directory, config, weights, model)
     if section.get("format") != FORMAT_CONVERTED:
         raise CheckpointError(f"{directory}: unknown artifact format {section.get('format')!r}")
-    recipe = parse_recipe(section["recipe"], source=f"{directory / CONFIG_NAME} recipe")
+    with torch.random.fork_rng(devices=[]):  # a fresh base draws random weights: not from the caller's stream
+        base = model if model is not None else build_base(config, directory)
+    converted = reconvert(base, config, directory)
+    state = restore_aliases(converted, read_state_dict(weights))
+    fit_state_dict(converted, state, str(weights), strict=True)
+    return finish_loaded(converted, section)
+
+
+def reconvert(base: nn.Module, config: dict[str, Any], directory: Path) -> nn.Module:
+    """Re-run the recorded recipe on the base model (its weights are replaced by the saved ones afterwards)."""
+    from surgeon.api import convert
+
+    section = config["surgeon"]
+    recipe = parse_recipe(section["recipe"], source=f"{directory} recipe")
     shape = section.get("example_input_shape") or None
     # rebuilding draws random initial weights that the saved ones then replace: the caller's RNG stream must not
     # move because a model was loaded
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", SurgeonWarning)  # said when it was converted; adapt says it again
-        base = model if model is not None else build_base(config, directory)
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) if shape else None
-        converted = convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={
+        return convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={
             "architecture": config.get("architecture"), "source": section.get("base_model"),
             "class": section.get("base_class"), "model_args": config.get("model_args") or {},
             "example_input_shape": shape})
-    state = restore_aliases(converted, read_state_dict(weights))
-    fit_state_dict(converted, state, str(weights), strict=True)
+
+
+def finish_loaded(converted: nn.Module, section: dict[str, Any]) -> nn.Module:
+    """Recorded metrics, which parameters train, and the memory format the weights were saved in."""
     if section.get("metrics"):
         converted.surgeon_metrics = section["metrics"]
     trainable = set(section.get("trainable") or [])

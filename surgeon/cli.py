@@ -178,6 +178,9 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                                                          "with --resume.")] = None,
           force: Annotated[bool, typer.Option("--force", help="Start over even if OUT exists.")] = False,
           no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of DIR.")] = False,
+          adapter_out: Annotated[Path | None, typer.Option("--adapter-out", help="Also write an adapter-only "
+                                                           "artifact (trainable tensors + adapter_config.json) "
+                                                           "here; load it over its base.")] = None,
           device: Annotated[str, typer.Option("--device", help="auto (a GPU when one is visible; under torchrun "
                                               "this rank's), cpu, cuda or cuda:N.")] = "auto",
           amp: Annotated[str, typer.Option("--amp", help="Mixed precision: none, bf16 or fp16 (with loss "
@@ -210,6 +213,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
 
     if out.exists() and not (resume or force):
         raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
+    if adapter_out is not None and adapter_out.exists() and not force:
+        raise fail(f"{adapter_out} already exists (use --force to replace it)")
     with progress(f"loading {out if resume else directory}"):
         model = surgeon.load(str(out) if resume else directory, verify=not no_verify)
     folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed,
@@ -237,6 +242,9 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
                        seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
                        stop_after=stop_after, device=str(target), amp=amp)
+    if adapter_out is not None and rank == 0:
+        surgeon.save_adapter(model, adapter_out, force=True)
+        say(f"adapter-only artifact in {adapter_out} ({surgeon.trainable_summary(model)})")
     digest = trainable_digest(model)
     if world > 1:
         print(f"rank {rank}: trainable sha256 {digest}", flush=True)
