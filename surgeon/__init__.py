@@ -1,10 +1,12 @@
 """surgeon: convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
 
+from surgeon import kernel_ops as _kernel_ops  # noqa: F401  (registers torch.ops.surgeon.*)
 from surgeon.adapt import adapt
 from surgeon.adapter_artifacts import save_adapter, trainable_summary
 from surgeon.api import convert, output_difference, plan, trainable_parameters
-from surgeon.artifacts import load, save
+from surgeon.artifacts import from_timm, load, save
 from surgeon.errors import CheckpointError, RecipeError, SurgeonError
+from surgeon.export import export_model
 from surgeon.hub import push_to_hub
 from surgeon.loading import load_model
 from surgeon.merge import merge, save_merged
@@ -20,6 +22,8 @@ __all__ = [
     "__version__",
     "adapt",
     "convert",
+    "export_model",
+    "from_timm",
     "load",
     "load_model",
     "load_recipe",

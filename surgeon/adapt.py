@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.compiling import check_backend, compiled_graph_counts
 from surgeon.devices import amp_dtype, resolve_device
 from surgeon.errors import SurgeonError
 
@@ -47,6 +48,7 @@ class AdaptOptions:
     stop_after: int | None = None  # train at most this many epochs in this run; the schedule still spans epochs
     device: str | None = None  # auto | cpu | cuda | cuda:N; None: wherever the model already is
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    compile: str | None = None  # a torch.compile backend (inductor, aot_eager, ...) for the training forward
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     log: Callable[[str], None] | None = None
 
@@ -59,6 +61,8 @@ class AdaptOptions:
             if not ok:
                 raise SurgeonError(f"adapt option {name}={getattr(self, name)!r} is out of range")
         amp_dtype(self.amp)
+        if self.compile is not None:
+            check_backend(self.compile)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class AdaptReport:
     history: list[EpochResult] = field(default_factory=list)
     trainable_parameters: int = 0
     out: str | None = None
+    compiled_graphs: int | None = None  # with compile: graphs and graph breaks dynamo produced (first epoch)
+    graph_breaks: int | None = None
 
     @property
     def final(self) -> EpochResult | None:
@@ -273,6 +279,9 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     if world > 1:
         module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None)
+    counts_before = compiled_graph_counts()
+    if opts.compile is not None:
+        module = torch.compile(module, backend=opts.compile)
     show_bar = opts.progress if opts.progress is not None else (sys.stderr.isatty() and rank == 0)
     for epoch in range(start_epoch, opts.epochs):
         _set_epoch(train_loader, epoch, opts.seed)
@@ -310,6 +319,12 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
             result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last,
                                                                            opts.amp)
         report.history.append(result)
+        if opts.compile is not None and report.graph_breaks is None:
+            graphs, breaks = compiled_graph_counts()
+            report.compiled_graphs, report.graph_breaks = graphs - counts_before[0], breaks - counts_before[1]
+            if rank == 0:
+                say(f"torch.compile ({opts.compile}): {report.compiled_graphs} graph(s), {report.graph_breaks} "
+                    "graph break(s) so far")
         if opts.out is not None:
             rng_states = gathered_rng_states(world)
             if rank == 0:

@@ -207,6 +207,23 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
     return finish_loaded(converted, section)
 
 
+def from_timm(model: nn.Module, verify: bool = True, token: str | None = None) -> nn.Module:
+    """Apply a surgeon artifact to the model timm built from it: ``timm.create_model("hf-hub:ORG/NAME")`` (or
+    ``"local-dir:PATH"``, both with ``pretrained=False``: timm cannot load quadratic weights into the base
+    architecture) reads the artifact's ``config.json``; this call swaps in surgeon's layers and loads the weights."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id"):
+        location, revision = f"hf-hub:{cfg['hf_hub_id']}", None
+        if "@" in location:
+            location, revision = location.split("@", 1)
+    elif cfg.get("source") == "local-dir" and cfg.get("file"):
+        location, revision = str(cfg["file"]), None
+    else:
+        raise SurgeonError("the model was not created from an artifact: build it with "
+                           "timm.create_model('hf-hub:ORG/NAME', pretrained=False) or 'local-dir:PATH'")
+    return load(location, model=model, verify=verify, revision=revision, token=token)
+
+
 def reconvert(base: nn.Module, config: dict[str, Any], directory: Path) -> nn.Module:
     """Re-run the recorded recipe on the base model (its weights are replaced by the saved ones afterwards)."""
     from surgeon.api import convert

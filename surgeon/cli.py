@@ -185,6 +185,9 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                                               "this rank's), cpu, cuda or cuda:N.")] = "auto",
           amp: Annotated[str, typer.Option("--amp", help="Mixed precision: none, bf16 or fp16 (with loss "
                                            "scaling).")] = "none",
+          compile_backend: Annotated[str | None, typer.Option("--compile", help="Train the forward under "
+                                                              "torch.compile with this backend (inductor, "
+                                                              "aot_eager, ...).")] = None,
           json_output: JsonOpt = False) -> None:
     """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
     import random
@@ -200,6 +203,10 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
 
     target = resolve_device(device)
     amp_dtype(amp)
+    if compile_backend is not None:
+        from surgeon.compiling import check_backend
+
+        check_backend(compile_backend)
     rank, world = distributed_setup(target)
     torch.manual_seed(seed)  # same on every rank: a reset head starts identical everywhere
     random.seed(seed)
@@ -241,7 +248,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
                        seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
-                       stop_after=stop_after, device=str(target), amp=amp)
+                       stop_after=stop_after, device=str(target), amp=amp, compile=compile_backend)
     if adapter_out is not None and rank == 0:
         surgeon.save_adapter(model, adapter_out, force=True)
         say(f"adapter-only artifact in {adapter_out} ({surgeon.trainable_summary(model)})")
@@ -253,7 +260,10 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
         print(json.dumps({"schema": "surgeon.adapt/1", "out": str(out), "epochs": epochs,
                           "trainable_parameters": report.trainable_parameters, "world_size": world,
                           "before": {"val_top1": before[0], "val_top5": before[1]} if before else None,
-                          "history": [vars(h) for h in report.history], "trainable_sha256": digest}, indent=2))
+                          "history": [vars(h) for h in report.history], "trainable_sha256": digest,
+                          "compile": {"backend": compile_backend, "graphs": report.compiled_graphs,
+                                      "graph_breaks": report.graph_breaks} if compile_backend else None},
+                         indent=2))
     elif final is not None:
         say(f"trained {report.trainable_parameters:,} parameters; checkpoint in {out}")
 
@@ -294,6 +304,58 @@ def merge(directory: Annotated[str, typer.Argument(help="Converted (trained) mod
         stdout.print(f"  not folded after {path}: {reason}", markup=False)
     stdout.print(f"verification (fp32, eval, batch 2): merged vs unmerged max |Δ| = {check['max_abs_diff']:.3g} "
                  f"(relative {check['relative']:.3g})", markup=False)
+
+
+@app.command("export")
+@friendly_errors
+def export(directory: Annotated[str, typer.Argument(help="Merged model: directory or hf-hub:org/name.")],
+           format: Annotated[str, typer.Option("--format", "-f", help="onnx or torch-export.")] = "onnx",
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: model.onnx or "
+                                                    "model.pt2 inside DIR, listed in its model card).")] = None,
+           images: Annotated[Path | None, typer.Option("--images", help="Folder of real images to check the "
+                                                       "export on (default: seeded random inputs).")] = None,
+           tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest max |Δ| / max |output| "
+                                                           "accepted (default 1e-5 for fp32).")] = None,
+           opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
+           no_check: Annotated[bool, typer.Option("--no-check", help="Write without running the file.")] = False,
+           force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+           no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of DIR.")] = False,
+           json_output: JsonOpt = False) -> None:
+    """Export a merged model to ONNX or torch.export (dynamic batch), checked against PyTorch before writing."""
+    import surgeon
+    from surgeon.artifacts import resolve_directory
+    from surgeon.export import FORMATS, image_inputs, record_export
+
+    if format not in FORMATS:
+        raise fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    with progress(f"loading {directory}"):
+        model = surgeon.load(directory, verify=not no_verify)
+    if getattr(model, "surgeon_merge", None) is None:
+        raise fail(f"{directory} is not a merged model; run `surgeon merge {directory} --out MERGED` and export "
+                   "MERGED")
+    local = resolve_directory(directory)
+    target = out if out is not None else local / f"model{FORMATS[format]}"
+    inputs, described = image_inputs(model, images) if images is not None else (None, None)
+    with progress(f"exporting to {target}"):
+        result = surgeon.export_model(model, target, format=format, inputs=inputs, inputs_description=described,
+                                      tolerance=tolerance, check=not no_check, opset=opset, force=force)
+    recorded = record_export(local, result) if not str(directory).startswith("hf-hub:") else False
+    if json_output:
+        print(json.dumps({"schema": "surgeon.export/1", "source": directory, **result.to_dict(),
+                          "recorded_in_card": recorded}, indent=2))
+        return
+    layers = f", {result.quadratic_ops} quadratic layers as surgeon.quadratic_dwconv" if format != "onnx" else ""
+    stdout.print(f"exported {directory} to {result.path} ({format}, dynamic batch{layers}; "
+                 f"{result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)", markup=False)
+    check = result.check
+    if check is not None:
+        stdout.print(f"check with {check.runtime} on {check.inputs}, batch {' and '.join(map(str, check.batch_sizes))}"
+                     f": max |Δ| = {check.max_abs_diff:.3g} (relative {check.relative:.3g}, tolerance "
+                     f"{check.tolerance:.3g}): ok", markup=False)
+    else:
+        stdout.print("not checked (--no-check)", markup=False)
+    if recorded:
+        stdout.print(f"listed in {local / 'config.json'} (the model card of `surgeon push`)", markup=False)
 
 
 @app.command()

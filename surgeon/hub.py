@@ -22,6 +22,8 @@ from torch import nn
 
 from surgeon.errors import CheckpointError, SurgeonError
 
+CONFIG_NAME, ADAPTER_CONFIG_NAME = "config.json", "adapter_config.json"  # as surgeon.artifacts names them
+
 T = TypeVar("T")
 
 TAGS = ["timm", "image-classification", "surgeon", "quadranet-v2", "s2a"]
@@ -127,6 +129,10 @@ def _card(config: dict[str, Any], repo_id: str) -> str:
                   f"- folded BatchNorms: {len(section.get('folded_batchnorm') or {})}",
                   f"- merge verification: max |Δ| = {verification.get('max_abs_diff', float('nan')):.3g} "
                   f"(relative {verification.get('relative', float('nan')):.3g}) vs the unmerged model"]
+    elif section.get("format") == "adapter":
+        lines += [f"- adapter-only: the {len(section.get('trainable') or [])} trainable tensors; loading converts "
+                  "the base model with the recipe and applies them (PEFT's adapter layout: `adapter_config.json` + "
+                  "`adapter_model.safetensors`)"]
     else:
         swapped = [s for s in sites if s.get("action") == "swap"]
         by_target: dict[str, int] = {}
@@ -142,9 +148,45 @@ def _card(config: dict[str, Any], repo_id: str) -> str:
         lines.append(f"- validation after adaptation: top-1 {metrics.get('val_top1')}, top-5 "
                      f"{metrics.get('val_top5')} ({metrics.get('epochs_trained')} epochs)")
     lines += ["", "## Usage", "", "```python", "import surgeon", "",
-              f'model = surgeon.load("hf-hub:{repo_id}")', "model.eval()", "```", "",
-              "## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
+              f'model = surgeon.load("hf-hub:{repo_id}")', "model.eval()", "```", ""]
+    if section.get("format") == "adapter":
+        lines += ["This loads the base model named above (`base_model`). To apply the adapters to a base you already "
+                  "have (the unconverted pretrained model):", "", "```python",
+                  f'model = surgeon.load("hf-hub:{repo_id}", model=base_model)', "```", ""]
+    else:
+        lines += ["From timm (it builds the base architecture from this repository's `config.json`; surgeon then "
+                  "swaps in its layers and loads the weights):", "",
+                  "```python", "import surgeon", "import timm", "",
+                  f'model = surgeon.from_timm(timm.create_model("hf-hub:{repo_id}", pretrained=False))', "```", ""]
+    lines += _exports_section(section.get("exports") or [])
+    lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _exports_section(exports: list[dict[str, Any]]) -> list[str]:
+    """The card's table of exported files (``surgeon export``) and how each was checked against PyTorch."""
+    if not exports:
+        return []
+    lines = ["## Exported files", "",
+             "| file | format | input | check | max abs Δ | relative Δ (tolerance) |", "|---|---|---|---|---|---|"]
+    for entry in exports:
+        check = entry.get("check") or {}
+        shape = "×".join(str(n) for n in entry.get("input_shape") or [])
+        checked = (f"{check.get('runtime')}, {check.get('inputs')}, batch "
+                   f"{' and '.join(str(b) for b in check.get('batch_sizes') or [])}") if check else "not checked"
+        numbers = (f"{check['max_abs_diff']:.3g} | {check['relative']:.3g} ({check['tolerance']:.3g})"
+                   if check else "- | -")
+        lines.append(f"| `{entry.get('file')}` | {entry.get('format')} | N×{shape} (dynamic N) | {checked} | "
+                     f"{numbers} |")
+    lines += [""]
+    if any(e.get("format") == "onnx" for e in exports):
+        lines += ["```python", "import onnxruntime", "",
+                  'session = onnxruntime.InferenceSession("model.onnx")',
+                  'logits = session.run(None, {"pixel_values": images.numpy()})[0]', "```", ""]
+    if any(e.get("format") == "torch-export" for e in exports):
+        lines += ["```python", "import surgeon  # registers torch.ops.surgeon.quadratic_dwconv", "import torch", "",
+                  'model = torch.export.load("model.pt2").module()', "```", ""]
+    return lines
 
 
 def push_to_hub(source: str | Path | nn.Module, repo_id: str, private: bool = False, create_pr: bool = False,
@@ -163,12 +205,13 @@ def push_to_hub(source: str | Path | nn.Module, repo_id: str, private: bool = Fa
             _save_model(source, staging)
         else:
             directory = Path(str(source).removeprefix("local-dir:"))
-            if not (directory / "config.json").is_file():
-                raise HubError(f"{directory}: not an artifact directory (no config.json)")
+            if not any((directory / name).is_file() for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME)):
+                raise HubError(f"{directory}: not an artifact directory (no {CONFIG_NAME} or {ADAPTER_CONFIG_NAME})")
             shutil.copytree(directory, staging, ignore=shutil.ignore_patterns(".*", "training_state.pt"))
-        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        config_name = CONFIG_NAME if (staging / CONFIG_NAME).is_file() else ADAPTER_CONFIG_NAME
+        config = json.loads((staging / config_name).read_text(encoding="utf-8"))
         if "surgeon" not in config:
-            raise HubError(f"{source}: config.json has no 'surgeon' section (push surgeon artifacts)")
+            raise HubError(f"{source}: {config_name} has no 'surgeon' section (push surgeon artifacts)")
         api = HfApi(endpoint=hub_endpoint(), token=token)
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -16,16 +16,6 @@ from surgeon import cuda_kernels
 from surgeon.layers import bitpack
 from surgeon.layers.derivative_codebook import grid_cells
 
-_CELL_CODES: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def cell_codes_on(cell_codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A codebook's cell codes on ``device``, copied there once."""
-    key = (id(cell_codes), str(device))
-    if key not in _CELL_CODES:
-        _CELL_CODES[key] = cell_codes.to(device).contiguous()
-    return _CELL_CODES[key]
-
 
 def _packed_like(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x.new_empty(bitpack.packed_numel(x.numel(), bits), dtype=torch.uint8)

@@ -148,3 +148,37 @@ def test_pushing_the_same_weights_again_uploads_no_lfs_object(hub, artifacts):
     assert len(hub.state.lfs_uploads) == uploads  # the server already has the object: no upload action
     weights = (root / "merged" / "model.safetensors").read_bytes()
     assert hub.state.repos["org/twice"].files["model.safetensors"] == weights
+
+
+def test_adapter_only_repo_is_small_and_loads_over_its_base(hub, artifacts, tmp_path):
+    root, converted = artifacts
+    surgeon.save_adapter(converted, tmp_path / "adapter-only")
+    surgeon.push_to_hub(tmp_path / "adapter-only", "org/adapter-only", token=TOKEN)
+    files = hub.state.repos["org/adapter-only"].files
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    full = (root / "adapter" / "model.safetensors").stat().st_size
+    assert len(files["adapter_model.safetensors"]) * 10 < full
+    card = files["README.md"].decode()
+    assert "adapter-only" in card and 'model=base_model' in card
+    torch.manual_seed(0)  # the artifacts fixture's base: same seed, same random weights
+    base = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    loaded = surgeon.load("hf-hub:org/adapter-only", model=base)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
+
+
+def test_timm_create_model_from_the_hub_plus_from_timm(hub, artifacts, tmp_path, monkeypatch):
+    root, _ = artifacts
+    surgeon.push_to_hub(root / "merged", "org/timm-merged", token=TOKEN)
+    # timm downloads with huggingface_hub's import-time settings: point them at the test server
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "timm-cache"))
+    card = hub.state.repos["org/timm-merged"].files["README.md"].decode()
+    assert 'surgeon.from_timm(timm.create_model("hf-hub:org/timm-merged", pretrained=False))' in card
+    model = surgeon.from_timm(timm.create_model("hf-hub:org/timm-merged", pretrained=False))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), surgeon.load(root / "merged")(x))

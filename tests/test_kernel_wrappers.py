@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from surgeon import cuda_kernels, kernel_ops
-from surgeon.layers import bitpack
+from surgeon.layers import bitpack, derivative_codebook
 from surgeon.layers.activation_ops import ActivationSpec
 from surgeon.layers.derivative_codebook import codebook
 from surgeon.layers.quantized_activation import pack_codes, pack_mask
@@ -48,10 +48,16 @@ def gpu(harness, monkeypatch):
 
     monkeypatch.setattr(cuda_kernels, "device_guard", guard)
     cuda_kernels.REGISTRY.clear()
-    kernel_ops._CELL_CODES.clear()
+    clear_device_copies()
     yield state
     cuda_kernels.REGISTRY.clear()
-    kernel_ops._CELL_CODES.clear()
+    clear_device_copies()
+
+
+def clear_device_copies() -> None:
+    """Codebooks keep per-device copies; a test's fake device must not see another test's copies."""
+    for book in derivative_codebook._READY.values():
+        book.on_device.clear()
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -53,9 +53,21 @@ class DerivativeCodebook:
     step: float
     cell_codes: torch.Tensor
 
+    on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
     @property
     def levels(self) -> int:
         return self.values.numel()
+
+    def tensor_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """``cell_codes`` or ``values`` on ``device``, copied there once (not on every call)."""
+        tensor = getattr(self, name)
+        if tensor.device == device:
+            return tensor
+        key = (name, str(device))
+        if key not in self.on_device:
+            self.on_device[key] = getattr(self, name).to(device).contiguous()
+        return self.on_device[key]
 
 
 def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,19 @@ def _input_density(x: torch.Tensor) -> torch.Tensor:
     narrow = torch.exp(-0.5 * x**2)
     wide = torch.exp(-0.5 * (x / 3.0) ** 2) / 3.0
     return 0.5 * narrow + 0.5 * wide
+
+
+_READY: dict[tuple[str, int], DerivativeCodebook] = {}
+
+
+def ready_codebook(function: str, bits: int) -> DerivativeCodebook:
+    """:func:`codebook` through a plain dict: a layer builds its codebook when it is created, so a forward under
+    ``torch.compile`` only reads the dict (tracing the optimisation itself would break the graph)."""
+    key = (function, bits)
+    book = _READY.get(key)
+    if book is None:
+        book = _READY[key] = codebook(function, bits)
+    return book
 
 
 @cache
@@ -142,4 +167,4 @@ def encode(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
 
 def decode(codes: torch.Tensor, book: DerivativeCodebook, dtype: torch.dtype) -> torch.Tensor:
     """Derivative value of every code."""
-    return book.values.to(device=codes.device, dtype=dtype)[codes.long()]
+    return book.tensor_on("values", codes.device).to(dtype)[codes.long()]

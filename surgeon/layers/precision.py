@@ -25,7 +25,11 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 @contextmanager
 def autocast_off(tensor: torch.Tensor) -> Iterator[None]:
-    """Autocast disabled on the tensor's device: the function casts explicitly."""
+    """Autocast disabled on the tensor's device: the function casts explicitly. Nothing is entered when autocast
+    is already off (an autocast region inside a compiled autograd function breaks dynamo's graph)."""
+    if not torch.is_autocast_enabled(tensor.device.type):
+        yield
+        return
     with torch.autocast(tensor.device.type, enabled=False):
         yield
 

@@ -133,10 +133,28 @@ class QuadraConvDW(nn.Module):
         if self.branch_b is not None and not follows_pattern(self.P.conv2.weight, self.span, self.branch_b):
             self.branch_b = None
 
+    def reparameterize(self) -> None:
+        """Pick the cheapest exact route for the current weights (timm's ``reparameterize_model`` calls this):
+        the atrous route where the dense kernels follow their pattern, and the primary conv alone where a factor
+        of the quadratic term is all zero (an adapter that never trained adds exactly 0). State dict unchanged; as
+        with timm's other re-parameterisations, the weights are final afterwards (call it again if they change)."""
+        self.check_patterns()
+        self.linear_only = not bool(self.P.conv1.weight.any()) or not bool(self.P.conv2.weight.any())
+        self.__dict__.pop("_kernel_weights", None)  # pre-cast kernel copies follow the weights again
+
     # ------------------------------------------------------------------------------------------- forward
+    as_custom_op = False  # set while exporting: the layer is one ``surgeon.quadratic_dwconv`` node
+    linear_only = False  # set by reparameterize() when the quadratic term is exactly zero
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from surgeon import cuda_kernels, kernel_ops
 
+        if self.linear_only:
+            return self._primary(x)
+        if self.as_custom_op:
+            return kernel_ops.quadratic_dwconv(x, self.P.conv3.weight, self.P.conv3.bias, self.P.conv1.weight,
+                                               self.P.conv2.weight, list(self.stride), list(self.pads(x)),
+                                               list(self.dilation), self.rank)
         weights = (self.P.conv3.weight, self.P.conv3.bias, self.P.conv1.weight, self.P.conv2.weight)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
         if cuda_kernels.usable(x) and not needs_grad and x.dtype in (torch.float32, torch.float16, torch.bfloat16):

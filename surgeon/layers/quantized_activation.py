@@ -19,7 +19,7 @@ from torch import nn
 
 from surgeon.layers import bitpack
 from surgeon.layers.activation_ops import FUNCTION_KEYS, ActivationSpec
-from surgeon.layers.derivative_codebook import codebook, decode
+from surgeon.layers.derivative_codebook import decode, ready_codebook
 from surgeon.layers.precision import grad_as
 from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
 
@@ -65,7 +65,7 @@ def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
 def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
     from surgeon import kernel_ops
 
-    cells = kernel_ops.cell_codes_on(book.cell_codes, x.device)
+    cells = book.tensor_on("cell_codes", x.device)
     return kernel_ops.codebook_pack(x.detach(), cells, book.low, book.step, bits)
 
 
@@ -93,9 +93,10 @@ class _QuantizedActivationFn(torch.autograd.Function):
         if family == "mask":
             saved = (pack_mask(x, spec),)
         elif family == "derivative":
-            saved = (pack_codes(x, codebook(_codebook_name(spec), bits), bits),)
+            saved = (pack_codes(x, ready_codebook(_codebook_name(spec), bits), bits),)
         y = forward_fn(x)
-        if y is x or (y.data_ptr() == x.data_ptr() and y.shape == x.shape):
+        # compiled code has no data pointers; there, an in-place op returns its input object
+        if y is x or (not torch.compiler.is_compiling() and y.data_ptr() == x.data_ptr() and y.shape == x.shape):
             ctx.mark_dirty(x)
             y = x
         if family == "output":
@@ -123,7 +124,7 @@ class _QuantizedActivationFn(torch.autograd.Function):
         elif spec.family == "derivative":
             (packed,) = ctx.saved_tensors
             codes = bitpack.unpack(packed, ctx.bits, numel).view(ctx.shape)
-            grad_in = grad * decode(codes, codebook(_codebook_name(spec), ctx.bits), grad.dtype)
+            grad_in = grad * decode(codes, ready_codebook(_codebook_name(spec), ctx.bits), grad.dtype)
         else:
             packed, offset, step = ctx.saved_tensors
             rows = dequantize_rows(packed, offset, step, ctx.rows, ctx.width, ctx.bits, grad.dtype)
@@ -140,14 +141,19 @@ class _QuantizedActivationFn(torch.autograd.Function):
 def prepare(spec: ActivationSpec, bits: int) -> None:
     """Build the derivative codebook now rather than inside the first training step."""
     if spec.family == "derivative":
-        codebook(_codebook_name(spec), bits)
+        ready_codebook(_codebook_name(spec), bits)
 
 
 def quantized_apply(x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], spec: ActivationSpec,
-                    bits: int, group_size: int) -> torch.Tensor:
+                    bits: int, group_size: int, inplace: bool = False) -> torch.Tensor:
     """Run ``forward_fn(x)``; if a backward will follow, keep only the low-bit tensors for it."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return forward_fn(x)
+    if inplace and torch.compiler.is_compiling():
+        # a compiled autograd function cannot mark its input dirty (a graph break per site): compute out of place,
+        # then write into ``x`` as the in-place op would have
+        y = _QuantizedActivationFn.apply(x, lambda t: forward_fn(t.clone()), spec, bits, group_size)
+        return x.copy_(y)
     return _QuantizedActivationFn.apply(x, forward_fn, spec, bits, group_size)
 
 
@@ -164,7 +170,8 @@ class QuantizedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with inside_replacement():
-            return quantized_apply(x, self.original, self.spec, self.bits, self.group_size)
+            return quantized_apply(x, self.original, self.spec, self.bits, self.group_size,
+                                   inplace=getattr(self.original, "inplace", False) is True)
 
     def extra_repr(self) -> str:
         return f"op={self.spec.op}, bits={1 if self.spec.family == 'mask' else self.bits}"
@@ -176,6 +183,9 @@ def quantized_call(x: torch.Tensor, target: str, op: str, params: tuple[tuple[st
 
     Only strings, numbers and tuples are passed so the rewritten GraphModule's generated code stays plain.
     """
+    # an in-place call: a method ending in "_", or ``inplace=True`` (F.relu(x, True) passes it positionally; no
+    # other argument of these functions is a bool)
+    inplace = target.endswith("_") or kwargs.get("inplace") is True or any(a is True for a in args)
     if target.startswith("method:"):
         name = target[len("method:"):]
 
@@ -188,7 +198,7 @@ def quantized_call(x: torch.Tensor, target: str, op: str, params: tuple[tuple[st
             return fn(t, *args, **kwargs)
 
     with inside_replacement():
-        return quantized_apply(x, forward_fn, ActivationSpec(op, params), bits, group_size)
+        return quantized_apply(x, forward_fn, ActivationSpec(op, params), bits, group_size, inplace=inplace)
 
 
 torch.fx.wrap("quantized_call")

@@ -41,8 +41,8 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     # row ends in the input's own dtype (exact), then fp32: no fp32 copy of a half-precision matrix
     high = matrix.amax(dim=1, keepdim=True).float()
     low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=1, keepdim=True).float()
-    spoiled = not bool(torch.isfinite(high).all() and torch.isfinite(low).all())
-    if spoiled:
+    # compiled graphs take the finite-only range unconditionally (no data-dependent branch; fused anyway)
+    if torch.compiler.is_compiling() or not bool(torch.isfinite(high).all() and torch.isfinite(low).all()):
         low, high = _finite_range(matrix, nonnegative)
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
     offset = high.new_zeros(0) if nonnegative else low
