@@ -8,6 +8,7 @@ scikit-image's bundled photos (see ``surgeon.demo_data``).
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class DemoReport:
     init_max_abs_diff: float | None = None
     merged_max_abs_diff: float | None = None
     merged_top1_agreement: float | None = None
+    export_check: dict[str, Any] | None = None  # the ONNX export's check against PyTorch (ExportCheck fields)
 
 
 def _validation_batch(root: Path, model: torch.nn.Module, limit: int = 64) -> torch.Tensor:
@@ -35,7 +37,7 @@ def _validation_batch(root: Path, model: torch.nn.Module, limit: int = 64) -> to
 
 
 def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, crops_per_photo: int = 40,
-             batch_size: int = 32) -> DemoReport:
+             batch_size: int = 32, export: bool = True) -> DemoReport:
     import surgeon
     from surgeon import cli
     from surgeon.adapt import evaluate
@@ -111,6 +113,15 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
         f"top-1 agreement {report.merged_top1_agreement:.1f}%")
     say(f"val top-1: pretrained {report.before_top1:.1f}% → adapted {report.after_top1:.1f}% → merged "
         f"{merged_top1:.1f}%")
+    if export:
+        say("\n== 7. export for deployment: ONNX, run by onnxruntime on val images and compared with PyTorch")
+        command("export", merged_dir, "--format", "onnx", "--images", data.root / "val", "--force")
+        cli.export(str(merged_dir), format="onnx", out=None, images=data.root / "val", tolerance=None, opset=None,
+                   no_check=False, force=True, no_verify=False, json_output=False)
+        config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+        entry = next(e for e in config["surgeon"]["exports"] if e["format"] == "onnx")
+        report.export_check = entry["check"]
+        report.artifacts["ONNX model (dynamic batch)"] = str(merged_dir / entry["file"])
     return report
 
 

@@ -26,10 +26,16 @@ def test_demo_pipeline(tmp_path):
     merged_config = json.loads((tmp_path / "demo" / "merged" / "config.json").read_text())
     assert merged_config["surgeon"]["format"] == "merged" and len(merged_config["surgeon"]["layers"]) == 16
     assert surgeon.load(tmp_path / "demo" / "merged").num_classes == 1000
+    # deployment: the ONNX file ran in onnxruntime on real val images within the fp32 tolerance
+    check = report.export_check
+    assert check is not None and check["runtime"].startswith("onnxruntime") and "images from" in check["inputs"]
+    assert check["passed"] and check["relative"] <= 1e-5 and check["batch_sizes"][-1] == 1
+    assert (tmp_path / "demo" / "merged" / "model.onnx").stat().st_size > 1e6
+    assert "$ surgeon export" in text
 
 
 def test_demo_command_prints_artifacts(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--crops-per-photo",
-                                      "8", "--batch-size", "16"])
+                                      "8", "--batch-size", "16", "--no-export"])
     assert result.exit_code == 0, result.output
     assert "artifacts:" in result.stdout and "merged model:" in result.stdout
