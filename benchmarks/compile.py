@@ -19,8 +19,12 @@ import timm
 import torch
 
 import surgeon
-from benchmarks.timing import compare, machine
 from surgeon.compiling import graph_breaks
+
+try:
+    from benchmarks.timing import compare, machine
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from timing import compare, machine  # type: ignore[no-redef]
 
 
 def converted_model(arch: str) -> torch.nn.Module:

@@ -328,6 +328,9 @@ def export(directory: Annotated[str, typer.Argument(help="Merged model: director
 
     if format not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    from_hub = str(directory).startswith("hf-hub:")
+    if from_hub and out is None:
+        raise fail("--out FILE is required when exporting an hf-hub: model (the download cache is not written to)")
     with progress(f"loading {directory}"):
         model = surgeon.load(directory, verify=not no_verify)
     if getattr(model, "surgeon_merge", None) is None:
@@ -339,7 +342,7 @@ def export(directory: Annotated[str, typer.Argument(help="Merged model: director
     with progress(f"exporting to {target}"):
         result = surgeon.export_model(model, target, format=format, inputs=inputs, inputs_description=described,
                                       tolerance=tolerance, check=not no_check, opset=opset, force=force)
-    recorded = record_export(local, result) if not str(directory).startswith("hf-hub:") else False
+    recorded = record_export(local, result) if not from_hub else False
     if json_output:
         print(json.dumps({"schema": "surgeon.export/1", "source": directory, **result.to_dict(),
                           "recorded_in_card": recorded}, indent=2))

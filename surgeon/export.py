@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -130,7 +131,11 @@ def _dynamic_batch() -> Any:
 def _write_torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> int:
     with quadratic_layers_as_ops(model, enabled=True):
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
-    torch.export.save(program, str(path))
+    with warnings.catch_warnings():
+        # weights that share storage (views of one checkpoint tensor) make torch.export warn about "complete
+        # tensors", which matters only for weights off the CPU; the program is exported from the CPU
+        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
+        torch.export.save(program, str(path))
     return sum(1 for node in program.graph.nodes if node.op == "call_function"
                and "surgeon.quadratic_dwconv" in str(node.target))
 

@@ -148,6 +148,11 @@ def test_cli_export_bad_input_is_one_line(merged_dir, tmp_path, argv, message):
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_cli_export_from_the_hub_needs_out():
+    result = CliRunner().invoke(app, ["export", "hf-hub:org/merged"])  # fails before any download
+    assert result.exit_code == 2 and "--out FILE is required" in result.output
+
+
 def test_cli_export_refuses_an_unmerged_artifact(tmp_path):
     surgeon.save(converted_model(), tmp_path / "converted")
     result = CliRunner().invoke(app, ["export", str(tmp_path / "converted"), "--out", str(tmp_path / "m.onnx")])

@@ -66,7 +66,7 @@ class DerivativeCodebook:
             return tensor
         key = (name, str(device))
         if key not in self.on_device:
-            self.on_device[key] = getattr(self, name).to(device).contiguous()
+            self.on_device[key] = tensor.to(device).contiguous()
         return self.on_device[key]
 
 
