@@ -183,11 +183,18 @@ def test_compiled_training_step_matches_eager():
 
 
 def test_merged_model_compiles_with_fullgraph(merged_dir):
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
     model = surgeon.load(merged_dir)
     x = torch.randn(2, 3, 64, 64)
-    compiled = torch.compile(model, fullgraph=True)  # inductor, C++ code generation on the CPU
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-6)
+    # without a vector ISA (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default) inductor 2.14's channels-last weight
+    # conversion still emits vectorised transposes that do not compile: turn that layout pass off there only
+    vectorised = bool(pick_vec_isa())
+    with inductor_config.patch(layout_optimization=vectorised):
+        compiled = torch.compile(model, fullgraph=True)  # inductor, C++ code generation on the CPU
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ timm conventions
