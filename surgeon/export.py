@@ -13,13 +13,12 @@ tolerance is renamed into place, in the manner of Optimum's exporter validation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.checkpoint import sha256_file
 from surgeon.errors import SurgeonError
 from surgeon.layers.quadra_conv_dw import QuadraConvDW
 
@@ -140,10 +140,14 @@ def _write_torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> 
                and "surgeon.quadratic_dwconv" in str(node.target))
 
 
-def _run_torch_export(path: Path, inputs: torch.Tensor) -> torch.Tensor:
-    program = torch.export.load(str(path))
-    with torch.no_grad():
-        return program.module()(inputs)
+def _load_torch_export(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    module = torch.export.load(str(path)).module()
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(inputs)
+
+    return run
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> int:
@@ -161,7 +165,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int 
     return 0
 
 
-def _run_onnx(path: Path, inputs: torch.Tensor) -> torch.Tensor:
+def _load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         import onnxruntime
     except ImportError as exc:
@@ -169,8 +173,12 @@ def _run_onnx(path: Path, inputs: torch.Tensor) -> torch.Tensor:
                           "--no-check)") from exc
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    (output,) = session.run(None, {name: inputs.detach().cpu().numpy()})
-    return torch.from_numpy(output)
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        (output,) = session.run(None, {name: inputs.detach().cpu().numpy()})
+        return torch.from_numpy(output)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------ check
@@ -178,12 +186,12 @@ def _check(path: Path, format: str, model: nn.Module, inputs: torch.Tensor, desc
            tolerance: float) -> ExportCheck:
     """Compare the written file with the model at two batch sizes, neither of them the traced one."""
     batches = [inputs, inputs[:1]] if inputs.shape[0] > 1 else [inputs]
-    run = _run_onnx if format == "onnx" else _run_torch_export
+    run = (_load_onnx if format == "onnx" else _load_torch_export)(path)  # loaded once, run per batch
     diff = peak = 0.0
     for batch in batches:
         with torch.no_grad():
             want = model(batch).float()
-        got = run(path, batch).float()
+        got = run(batch).float()
         if got.shape != want.shape:
             raise ExportError(f"the exported {format} model returned shape {tuple(got.shape)} for batch "
                               f"{batch.shape[0]}, PyTorch {tuple(want.shape)}")
@@ -192,14 +200,6 @@ def _check(path: Path, format: str, model: nn.Module, inputs: torch.Tensor, desc
     relative = diff / peak if peak > 0 else diff
     runtime = "onnxruntime (CPU)" if format == "onnx" else "torch.export program"
     return ExportCheck(description, [int(b.shape[0]) for b in batches], diff, peak, relative, tolerance, runtime)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_model(model: nn.Module, out: str | Path, format: str = "onnx", inputs: torch.Tensor | None = None,
@@ -248,7 +248,7 @@ def export_model(model: nn.Module, out: str | Path, format: str = "onnx", inputs
                               f" (relative {result_check.relative:.3g} > tolerance {tolerance:.3g}) on "
                               f"{description}; nothing written")
         seconds = time.perf_counter() - start
-        size, digest = scratch_path.stat().st_size, _sha256(scratch_path)
+        size, digest = scratch_path.stat().st_size, sha256_file(scratch_path)
         os.replace(scratch_path, out)
     finally:
         scratch_path.unlink(missing_ok=True)
