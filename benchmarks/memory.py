@@ -1,85 +1,115 @@
-"""Activation memory of one training step: full fine-tuning vs quadratic adapters vs adapters + memory variants.
+"""Training memory and step time: full fine-tuning vs quadratic adapters (with and without memory variants) vs
+quadratic adapters with gradient checkpointing.
 
-For each model and configuration, a fresh process builds the model (weights do not change memory), runs
-training steps on random images, and reports: bytes saved for backward (unique storages seen by
-``saved_tensors_hooks``, parameters and buffers excluded), the process's peak resident memory during one
-training step (Linux VmHWM, reset just before the step; glibc is told to return large blocks to the system
-at once, so RSS follows live tensor memory) and its growth over the resident memory before the step,
-trainable parameters, and the median step time.
+For each model and configuration a fresh process builds the model (weights do not change memory or time), runs a
+warm-up step (so the optimizer state exists, as in every later step), then measures on random images:
 
-Run: python benchmarks/memory.py [--batch 16] [--models convnext_tiny tf_efficientnet_lite0]
-Saved bytes scale linearly with the batch; the table also shows them scaled to batch 64.
+* **peak**: the most tensor bytes alive at once during one whole training step (forward, backward, optimizer
+  step), weights, gradients, optimizer state and the batch included (``surgeon.memory.peak_memory``: the
+  profiler's allocation events on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and the op running at
+  that moment;
+* **kept**: bytes saved for backward by the forward pass (parameters and buffers excluded);
+* **step**: median wall time of ``--steps`` steps, and the minor page faults per step (each one is a page the
+  allocator got fresh from the system: large temporaries allocated and returned on every op);
+* **budget batch**: the largest batch whose peak fits ``--budget-gib``, from peaks measured at two batch sizes
+  (peak is affine in the batch).
+
+Models without depthwise convs (ViT, Swin) have no quadratic adapter sites: there the adapter configurations
+train the model's biases (``*.bias``) with the same memory variants, marked "+bias".
+
+Run: python benchmarks/memory.py [--batch 32] [--models ...] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
+import math
 import os
+import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-CONFIGS = ("full fine-tuning", "quadranet-v2", "quadranet-v2-s2a")
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+CONFIGS = ("full fine-tuning", "quadranet-v2", "quadranet-v2-s2a", "quadranet-v2 + checkpointing")
+MODELS = ("convnext_tiny", "tf_efficientnet_lite0", "efficientnet_b0", "vit_small_patch16_224",
+          "swin_tiny_patch4_window7_224")
 
 
-def _settle() -> int:
-    """Free what can be freed, reset the peak-RSS mark, return the current RSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS")
-
-
-def worker(model_name: str, config: str, batch: int, steps: int) -> dict[str, float]:
+def build(model_name: str, config: str, device: str):
+    """The model in training mode with its trainable parameters, as ``surgeon adapt`` would train it."""
     import timm
     import torch
 
     import surgeon
-    from surgeon.memory import saved_for_backward
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False)
-    x = torch.randn(batch, 3, 224, 224).to(memory_format=torch.channels_last)
-    targets = torch.randint(0, 1000, (batch,))
+    model = timm.create_model(model_name, pretrained=False).eval()
+    example = torch.randn(1, 3, 224, 224)
+    marker = ""
     if config != "full fine-tuning":
-        model = surgeon.convert(model.eval(), config, example_input=x[:1], inplace=True)
-    model = model.train().to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
+        recipe = surgeon.load_recipe(config.split(" + ")[0]).to_dict()
+        if not any(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+                   for m in model.modules()):
+            recipe = {**recipe, "trainable": ["*.bias"]}
+            marker = " +bias"
+        model = surgeon.convert(model, recipe, example_input=example, inplace=True)
+    if config.endswith("checkpointing"):
+        model.set_grad_checkpointing(True)
+    model = model.train().to(device=device, memory_format=torch.channels_last)
+    return model, [p for p in model.parameters() if p.requires_grad], marker
+
+
+def worker(model_name: str, config: str, batch: int, steps: int, device: str) -> dict[str, object]:
+    import torch
+
+    from surgeon.memory import peak_memory, saved_for_backward
+
+    model, params, marker = build(model_name, config, device)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    def loss(logits: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits, targets)
+    def batch_of(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, 1000, (size,), device=device)
 
-    def step() -> None:
-        loss(model(x)).backward()
+    def step(x: torch.Tensor, targets: torch.Tensor) -> None:
+        torch.nn.functional.cross_entropy(model(x), targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    saved = saved_for_backward(model, x, loss)
-    optimizer.step()  # optimizer state exists from here on, as in any later step
+    def state() -> list[torch.Tensor]:
+        tensors = list(model.parameters()) + list(model.buffers())
+        for per_param in optimizer.state.values():
+            tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
+        return tensors
+
+    x, targets = batch_of(batch)
+    kept = saved_for_backward(model, x, lambda logits: torch.nn.functional.cross_entropy(logits, targets))
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    rss_before = _settle()
-    step()
-    peak = _status("VmHWM")
-    times = []
+    peaks = {}
+    for size in (batch // 2, batch):
+        xs, ts = batch_of(size)
+        peaks[size] = peak_memory(lambda: step(xs, ts), state() + [xs, ts], device)
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         start = time.perf_counter()
-        step()
+        step(x, targets)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"saved_bytes": saved.bytes, "peak_rss": peak, "rss_growth": peak - rss_before,
-            "trainable": sum(p.numel() for p in params), "step_seconds": sorted(times)[len(times) // 2]}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    full = peaks[batch]
+    return {"marker": marker, "kept": kept.bytes, "peak": full.peak, "peak_half": peaks[batch // 2].peak,
+            "state": full.start, "peak_op": full.peak_op, "trainable": sum(p.numel() for p in params),
+            "step_seconds": sorted(times)[len(times) // 2], "faults_per_step": faults / steps}
+
+
+def budget_batch(row: dict, batch: int, budget: int) -> int:
+    """Largest batch whose (affine) peak fits ``budget`` bytes."""
+    slope = (row["peak"] - row["peak_half"]) / (batch - batch // 2)
+    intercept = row["peak"] - slope * batch
+    return max(0, math.floor((budget - intercept) / slope)) if slope > 0 else 0
 
 
 def mib(value: float) -> str:
@@ -88,35 +118,42 @@ def mib(value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["convnext_tiny", "tf_efficientnet_lite0"])
+    parser.add_argument("--budget-gib", type=float, default=8.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.batch, args.steps)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.batch, args.steps, args.device)))
         return
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from timing import machine
 
-    print(f"machine: {machine()}; batch {args.batch} at 224², one process per row\n")
-    print("| model | configuration | saved for backward (MiB) | scaled to batch 64 (MiB) | vs full FT | "
-          "vs quadranet-v2 | peak RSS in a step (MiB) | step's RSS growth (MiB) | trainable params | step (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    budget = int(args.budget_gib * 2**30)
+    print(f"machine: {machine()}; device {args.device}; batch {args.batch} at 224², AdamW, one process per row\n")
+    print(f"| model | configuration | peak in a step (MiB) | peak vs full FT | kept for backward (MiB) | kept vs full FT "
+          f"| op at the peak | step (s) | step vs full FT | minor faults / step | batch in {args.budget_gib:g} GiB "
+          f"| trainable params |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         rows = {}
-        for config in CONFIGS:
+        for config in args.configs:
             output = subprocess.run([sys.executable, __file__, "--worker", model_name, config, "--batch",
-                                     str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True,
-                                    check=True, env={**os.environ, **WORKER_ENV})
-            rows[config] = json.loads(output.stdout.strip().splitlines()[-1])
-        full = rows["full fine-tuning"]["saved_bytes"]
-        quadratic = rows["quadranet-v2"]["saved_bytes"]
-        for config, row in rows.items():
-            print(f"| {model_name} | {config} | {mib(row['saved_bytes'])} | "
-                  f"{mib(row['saved_bytes'] * 64 / args.batch)} | {full / row['saved_bytes']:.1f}x less | "
-                  f"{quadratic / row['saved_bytes']:.1f}x less | {mib(row['peak_rss'])} | "
-                  f"{mib(row['rss_growth'])} | {row['trainable']:,} | {row['step_seconds']:.2f} |")
+                                     str(args.batch), "--steps", str(args.steps), "--device", args.device],
+                                    capture_output=True, text=True)
+            if output.returncode != 0:
+                print(f"| {model_name} | {config} | failed: {output.stderr.strip().splitlines()[-1]} |", flush=True)
+                continue
+            rows[config] = row = json.loads(output.stdout.strip().splitlines()[-1])
+            full = rows.get("full fine-tuning", row)
+            print(f"| {model_name} | {config}{row['marker']} | {mib(row['peak'])} | {full['peak'] / row['peak']:.2f}x "
+                  f"less | {mib(row['kept'])} | {full['kept'] / max(row['kept'], 1):.1f}x less | {row['peak_op']} | "
+                  f"{row['step_seconds']:.2f} | {row['step_seconds'] / full['step_seconds']:.2f}x | "
+                  f"{row['faults_per_step']:,.0f} | {budget_batch(row, args.batch, budget)} | {row['trainable']:,} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

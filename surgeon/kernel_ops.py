@@ -26,9 +26,11 @@ def _packed_like(x: torch.Tensor, bits: int) -> torch.Tensor:
 def mask_pack(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Bit-packed ``low < x < high`` (``high = inf``: no upper bound), NaN -> 0."""
 
+    def in_interval(t: torch.Tensor) -> torch.Tensor:
+        return t > low if high == float("inf") else (t > low).logical_and_(t < high)
+
     def torch_route() -> torch.Tensor:
-        mask = x > low if high == float("inf") else (x > low) & (x < high)
-        return bitpack.pack(mask, 1)
+        return bitpack.pack_by_chunks(x, 1, in_interval)
 
     packed = cuda_kernels.mask_pack(x, low, high, torch_route) if cuda_kernels.usable(x) else None
     return packed if packed is not None else torch_route()
@@ -44,8 +46,10 @@ def _(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 def codebook_pack(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: int) -> torch.Tensor:
     """Bit-packed derivative-interval codes: cell of the nearest grid point ``low + k * step`` -> its code."""
 
+    cells = cell_codes.to(x.device)
+
     def torch_route() -> torch.Tensor:
-        return bitpack.pack(cell_codes.to(x.device)[grid_cells(x, low, step, cell_codes.numel())], bits)
+        return bitpack.pack_by_chunks(x, bits, lambda t: cells.index_select(0, grid_cells(t, low, step, cells.numel())))
 
     packed = None
     if cuda_kernels.usable(x):
@@ -64,11 +68,27 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
     """Bit-packed ``round((row - offset) / step)`` clamped to ``[0, 2**bits - 1]`` per row (offset None: 0);
     +inf takes the top code, -inf and NaN code 0."""
 
+    def codes(first: int, last: int) -> torch.Tensor:
+        values = rows[first:last].float()
+        # one fp32 temporary, updated in place (a division, not a multiply by 1/step: the kernel divides too)
+        shifted = values.sub(offset[first:last]) if offset is not None else values.div(step[first:last])
+        if offset is not None:
+            shifted.div_(step[first:last])
+        return shifted.round_().clamp_(0, 2**bits - 1).nan_to_num_(0.0).to(torch.uint8)  # NaN -> code 0
+
     def torch_route() -> torch.Tensor:
-        values = rows.float()
-        shifted = values - offset if offset is not None else values
-        codes = torch.round(shifted / step).clamp_(0, 2**bits - 1).nan_to_num_(0.0)  # NaN -> code 0
-        return bitpack.pack(codes.to(torch.uint8), bits)
+        count, width = rows.shape
+        # whole rows per chunk, a multiple of 8 of them so every chunk starts on a byte
+        per_chunk = count if torch.compiler.is_compiling() else max(8, bitpack.CHUNK_ELEMENTS // max(width, 1) // 8 * 8)
+        if per_chunk >= count:
+            return bitpack.pack(codes(0, count), bits)
+        per_byte = 8 // bits
+        out = rows.new_empty(bitpack.packed_numel(rows.numel(), bits), dtype=torch.uint8)
+        for first in range(0, count, per_chunk):
+            last = min(first + per_chunk, count)
+            out[first * width // per_byte:(last * width + per_byte - 1) // per_byte] = bitpack.pack(codes(first, last),
+                                                                                                 bits)
+        return out
 
     packed = cuda_kernels.rows_pack(rows, offset, step, bits, torch_route) if cuda_kernels.usable(rows) else None
     return packed if packed is not None else torch_route()

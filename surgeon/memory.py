@@ -1,17 +1,23 @@
-"""Measuring what a training step keeps for backward.
+"""Measuring training memory: what a step keeps for backward, and the peak of live tensor bytes over a step.
 
-Counts unique tensor storages handed to autograd's saved-tensor hooks during the forward pass (parameters and
-buffers excluded: they exist whether or not anything trains). This is the activation memory a training step
-holds at its peak, independent of allocator behaviour, so it can be compared exactly between configurations.
+``saved_for_backward`` counts unique tensor storages handed to autograd's saved-tensor hooks during the forward
+pass (parameters and buffers excluded: they exist whether or not anything trains). ``peak_memory`` measures what
+decides whether a batch fits: the highest number of tensor bytes alive at once while a function runs (forward,
+backward, optimizer step and every temporary in between). On CUDA that is the caching allocator's own peak; on the
+CPU it is replayed from the profiler's allocation events, which is deterministic and, unlike RSS, independent of
+how the C allocator returns memory to the system.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's C++ start/stop chatter on stderr
 
 
 @dataclass
@@ -46,3 +52,72 @@ def saved_for_backward(model: nn.Module, inputs: torch.Tensor,
     if run_backward and value.requires_grad:
         value.backward()
     return SavedMemory(bytes=sum(storages.values()), tensors=count)
+
+
+@dataclass
+class PeakMemory:
+    """Tensor bytes alive while a function ran: at its start (as given), at its highest point and at its end."""
+
+    start: int
+    peak: int
+    end: int
+    peak_op: str  # the innermost op running when the peak was reached ("" if unknown, e.g. on CUDA)
+
+    @property
+    def rise(self) -> int:
+        """How far the peak rose above what was alive at the start: the step's own working memory."""
+        return self.peak - self.start
+
+
+def live_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor is not None and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def peak_memory(fn: Callable[[], object], alive: Iterable[torch.Tensor] = (),
+                device: torch.device | str = "cpu") -> PeakMemory:
+    """Run ``fn`` once and measure its peak of live tensor bytes. ``alive``: the tensors that exist before it
+    runs and count toward the peak (weights, optimizer state, the batch); what ``fn`` allocates is measured."""
+    device = torch.device(device)
+    start = live_bytes(alive)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak, end = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+        return PeakMemory(start, start + peak - base, start + end - base, "")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = list(prof.profiler.kineto_results.events())
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
+                         and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = highest = 0
+    highest_at = None
+    for at, nbytes in allocations:
+        live += nbytes
+        if live > highest:
+            highest, highest_at = live, at
+    return PeakMemory(start, start + highest, start + live, _op_at(events, highest_at))
+
+
+def _op_at(events: list, at: int | None) -> str:
+    """The shortest (innermost) op whose span contains time ``at``."""
+    if at is None:
+        return ""
+    best, best_span = "", None
+    for event in events:
+        if event.name() == "[memory]" or event.is_python_function():
+            continue
+        begin, end = event.start_ns(), event.end_ns()
+        if begin <= at <= end and (best_span is None or end - begin < best_span):
+            best, best_span = event.name(), end - begin
+    return best

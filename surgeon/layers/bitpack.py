@@ -6,9 +6,14 @@ uint8 tensor holding a 1-bit mask is still 8 bits per element. ``pack`` puts ``8
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
+CHUNK_ELEMENTS = 1 << 20  # a multiple of 8: chunk boundaries fall on byte boundaries at every width
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _check_bits(bits: int) -> None:
@@ -33,9 +38,31 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-flat.numel()) % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
+    if _LITTLE_ENDIAN and bits == 1:
+        # eight 0/1 bytes read as one integer; one multiply gathers bit 0 of each byte into the top byte
+        words = flat.view(-1, 8).view(torch.int64).view(-1)
+        return ((words * 0x0102040810204080) >> 56).to(torch.uint8)
+    if _LITTLE_ENDIAN and bits == 4:
+        pairs = flat.view(-1, 2).view(torch.int16).view(-1)  # c0 + 256 * c1
+        return (pairs | (pairs >> 4)).to(torch.uint8)  # low byte: c0 | c1 << 4
     groups = flat.view(-1, per_byte)
     shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
     return (groups << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def pack_by_chunks(values: torch.Tensor, bits: int, to_codes: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``pack(to_codes(values.reshape(-1)), bits)`` computed a chunk at a time into one buffer, so the codes and
+    whatever ``to_codes`` allocates exist for one chunk, not for the whole tensor."""
+    flat = values.reshape(-1)
+    numel = flat.numel()
+    if torch.compiler.is_compiling() or numel <= CHUNK_ELEMENTS:
+        return pack(to_codes(flat), bits)
+    per_byte = 8 // bits
+    out = flat.new_empty(packed_numel(numel, bits), dtype=torch.uint8)
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, numel)
+        out[start // per_byte:(stop + per_byte - 1) // per_byte] = pack(to_codes(flat[start:stop]), bits)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

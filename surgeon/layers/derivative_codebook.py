@@ -52,6 +52,7 @@ class DerivativeCodebook:
     low: float
     step: float
     cell_codes: torch.Tensor
+    value_floats: tuple[float, ...] = ()  # ``values`` as Python floats: what the backward's lookup table is built from
 
     on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -143,6 +144,7 @@ def codebook(function: str, bits: int) -> DerivativeCodebook:
         low=float(grid[0]),
         step=float(grid[1] - grid[0]),
         cell_codes=cell_codes,
+        value_floats=tuple(float(torch.tensor(v, dtype=torch.float32)) for v in values),
     )
 
 

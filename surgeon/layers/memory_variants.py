@@ -140,15 +140,19 @@ class FrozenBatchNorm:
 
 # ------------------------------------------------------------------------------------------ layer norm
 class _QuantizedLayerNormFn(torch.autograd.Function):
+    """Keeps the normalised input at ``bits`` and the per-row ``rstd``; backward is ATen's fused layer-norm
+    backward run on the dequantized normalised rows (mean 0, rstd 1), scaled by the true ``rstd`` afterwards, so
+    no chain of full-size temporaries is formed."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module,
                 channel_dim: int, bits: int) -> torch.Tensor:
         y = norm._surgeon_base_class.forward(norm, x)
         moved = x.movedim(channel_dim, -1).float()
-        mean = moved.mean(dim=-1, keepdim=True)
-        rstd = (moved.var(dim=-1, unbiased=False, keepdim=True) + norm.eps).rsqrt()
-        normalized = ((moved - mean) * rstd).reshape(-1, moved.shape[-1])
-        quantized = quantize_rows(normalized, bits)
+        width = moved.shape[-1]
+        normalized, _, rstd = torch.native_layer_norm(moved, [width], None, None, norm.eps)
+        quantized = quantize_rows(normalized.reshape(-1, width), bits)
+        del normalized
         ctx.meta = (moved.shape, channel_dim, bits, quantized.rows, quantized.width, x.dtype)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.param_dtype = next((t.dtype for t in (weight, bias) if t is not None), None)
@@ -160,14 +164,16 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
         shape, channel_dim, bits, rows, width, dtype = ctx.meta
         packed, offset, step, rstd, *rest = ctx.saved_tensors
         normalized = dequantize_rows(packed, offset, step, rows, width, bits, torch.float32)
-        g = grad.movedim(channel_dim, -1).float().reshape(-1, width)
+        g = grad.movedim(channel_dim, -1).reshape(-1, width).float()
         weight = rest[0].float() if ctx.has_weight else None
-        g_hat = g * weight if weight is not None else g
-        grad_x = rstd * (g_hat - g_hat.mean(dim=1, keepdim=True)
-                         - normalized * (g_hat * normalized).mean(dim=1, keepdim=True))
-        grad_x = grad_x.reshape(shape).movedim(-1, channel_dim).to(dtype)
-        grad_w = (g * normalized).sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        need_w = ctx.has_weight and ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            g, normalized, [width], rstd.new_zeros(rows, 1), rstd.new_ones(rows, 1), weight,
+            weight.new_zeros(width) if weight is not None else None, [ctx.needs_input_grad[0], need_w, need_b])
+        del normalized
+        if grad_x is not None:
+            grad_x = grad_x.mul_(rstd).reshape(shape).movedim(-1, channel_dim).to(dtype)
         return grad_x, grad_as(grad_w, ctx.param_dtype), grad_as(grad_b, ctx.param_dtype), None, None, None
 
 

@@ -123,7 +123,32 @@ def _conv_backward(grad: torch.Tensor, xp: torch.Tensor, weight: torch.Tensor, c
     )
 
 
+def dense_branch_weight(weight: torch.Tensor, branch: AtrousKernel, span: Pair) -> torch.Tensor:
+    """A branch's few dilated taps placed in a dense ``span``-sized kernel (zeros elsewhere), centred as
+    :func:`branch_pads` centres the branch window: the same conv, expressed on the primary conv's grid."""
+    (sh, sw), (bh, bw) = span, branch.span()
+    top, left = (sh - bh) // 2, (sw - bw) // 2
+    dense = weight.new_zeros(*weight.shape[:2], sh, sw)
+    dense[..., top:top + bh:branch.dilation[0], left:left + bw:branch.dilation[1]] = weight
+    return dense
+
+
+def dense_branch_grad(dense_grad: torch.Tensor, branch: AtrousKernel, span: Pair) -> torch.Tensor:
+    """The taps of :func:`dense_branch_weight` picked back out of a dense kernel's gradient."""
+    (sh, sw), (bh, bw) = span, branch.span()
+    top, left = (sh - bh) // 2, (sw - bw) // 2
+    return dense_grad[..., top:top + bh:branch.dilation[0], left:left + bw:branch.dilation[1]].contiguous()
+
+
 class _QuadraticDepthwiseFn(torch.autograd.Function):
+    """Forward: the primary conv plus the product of two dilated branch convs, products formed in place.
+
+    Backward recomputes the branches from the (dequantized) input. The branch gradients run as *dense* depthwise
+    convs on the primary's grid (taps embedded in a span-sized kernel): PyTorch's CPU backward for dilated
+    depthwise convs falls back to an im2col route that allocates ``taps x input`` columns and runs several times
+    slower, while the dense depthwise backward takes the oneDNN path. Each branch gradient is formed in the
+    recomputed branch's own buffer and freed before the next, so at most four full-size tensors are alive."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
@@ -149,7 +174,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             ctx.save_for_backward(*kept_x, weight, weight_a, weight_b, *kept)
         else:
             ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
-        return primary + layer.reduce_rank(a * b)
+        product = a * b if layer.keep_branches else a.mul_(b)
+        return primary.add_(layer.reduce_rank(product))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -170,28 +196,41 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
         grad = grad.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else grad
-        if kept:
-            a, b = kept
-            xa = F.pad(x, call_a.pre_pads) if call_a.pre_pads is not None else x
-            xb = F.pad(x, call_b.pre_pads) if call_b.pre_pads is not None else x
-        else:
-            a, xa = _branch_forward(x, weight_a, call_a, stride, groups)
-            b, xb = _branch_forward(x, weight_b, call_b, stride, groups)
-        grad_r = layer.expand_rank(grad)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x or need_a:
-            gx, grad_a, _ = _conv_backward(grad_r * b, xa, weight_a, call_a, stride, groups, need_x, need_a)
-            grad_x = _unpad(gx, call_a.pre_pads) if need_x else None
-        if need_x or need_b:
-            gx, grad_b, _ = _conv_backward(grad_r * a, xb, weight_b, call_b, stride, groups, need_x, need_b)
-            if need_x:
-                grad_x = grad_x + _unpad(gx, call_b.pre_pads)
+        xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
         if need_x or need_w or need_bias:
-            xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
-            gx, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x, need_w,
-                                                   [weight.shape[0]], need_bias)
+            grad_x, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x,
+                                                       need_w, [weight.shape[0]], need_bias)
+        if not (need_x or need_a or need_b):
+            return grad_x, grad_w, grad_bias, grad_a, grad_b
+        span = conv_span(layer.kernel_size, layer.dilation)
+        dense_call = _BranchCall(primary_call.pre_pads, primary_call.padding, (1, 1))
+        grad_r = layer.expand_rank(grad)
+        # branch a's gradient needs grad * b and branch b's needs grad * a: each product overwrites its recomputed
+        # factor (unless the factors were kept), the input gradients accumulate into one tensor
+        for own_weight, branch, other, call, need_own in (
+                (weight_a, layer.branch_a, 1, call_b, need_a), (weight_b, layer.branch_b, 0, call_a, need_b)):
+            if not (need_x or need_own):
+                continue
+            if kept:
+                factor_grad = grad_r * kept[other]
+            else:
+                factor, _ = _branch_forward(x, (weight_a, weight_b)[other], call, stride, groups)
+                factor_grad = factor.mul_(grad_r)
+            dense = dense_branch_weight(own_weight, branch, span)
+            gx, dense_grad, _ = _conv_backward(factor_grad, xp, dense, dense_call, stride, groups, need_x,
+                                               need_own)
+            del factor_grad
+            if need_own:
+                if branch is layer.branch_a:
+                    grad_a = dense_branch_grad(dense_grad, branch, span)
+                else:
+                    grad_b = dense_branch_grad(dense_grad, branch, span)
             if need_x:
-                grad_x = grad_x + _unpad(gx, primary_call.pre_pads)
+                grad_x = gx if grad_x is None else grad_x.add_(gx)
+            del gx
+        if grad_x is not None:
+            grad_x = _unpad(grad_x, primary_call.pre_pads)
         return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 

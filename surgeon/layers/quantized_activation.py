@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.layers import bitpack
 from surgeon.layers.activation_ops import FUNCTION_KEYS, ActivationSpec
-from surgeon.layers.derivative_codebook import decode, ready_codebook
+from surgeon.layers.coded_gradient import coded_product, flat_in_order, storage_order
+from surgeon.layers.derivative_codebook import ready_codebook
 from surgeon.layers.precision import grad_as
 from surgeon.layers.row_quantizer import as_groups, dequantize_rows, quantize_rows
 
@@ -53,29 +53,30 @@ def _mask_bounds(spec: ActivationSpec) -> tuple[float, float]:
     raise AssertionError(spec.op)
 
 
-def pack_mask(x: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
-    """1-bit ``low < x < high``: ±inf follow the derivative's limit (ReLU passes +inf, ReLU6 blocks it), NaN
-    blocks the gradient. The CUDA kernel computes the same bits."""
+def pack_mask(x: torch.Tensor, spec: ActivationSpec, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """1-bit ``low < x < high`` of ``x``'s elements in dim order ``order``: ±inf follow the derivative's limit
+    (ReLU passes +inf, ReLU6 blocks it), NaN blocks the gradient. The CUDA kernel computes the same bits."""
     from surgeon import kernel_ops
 
     low, high = _mask_bounds(spec)
-    return kernel_ops.mask_pack(x.detach(), low, high)
+    return kernel_ops.mask_pack(flat_in_order(x.detach(), order or storage_order(x)), low, high)
 
 
-def pack_codes(x: torch.Tensor, book: Any, bits: int) -> torch.Tensor:
+def pack_codes(x: torch.Tensor, book: Any, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
     from surgeon import kernel_ops
 
     cells = book.tensor_on("cell_codes", x.device)
-    return kernel_ops.codebook_pack(x.detach(), cells, book.low, book.step, bits)
+    flat = flat_in_order(x.detach(), order or storage_order(x))
+    return kernel_ops.codebook_pack(flat, cells, book.low, book.step, bits)
 
 
-def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+def mask_values(spec: ActivationSpec) -> tuple[float, float]:
+    """The derivative outside and inside the mask's interval (code 0 and code 1)."""
     if spec.op == "leaky_relu":
-        slope = spec.param("negative_slope")
-        return torch.where(mask, grad, grad * slope)
+        return float(spec.param("negative_slope")), 1.0
     if spec.op == "hardsigmoid":
-        return grad * mask * (1.0 / 6.0)  # torch multiplies by the float 1/6; dividing could round differently
-    return grad * mask
+        return 0.0, 1.0 / 6.0
+    return 0.0, 1.0
 
 
 def _codebook_name(spec: ActivationSpec) -> str:
@@ -89,11 +90,12 @@ class _QuantizedActivationFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor],
                 spec: ActivationSpec, bits: int, group_size: int) -> torch.Tensor:
         ctx.spec, ctx.bits, ctx.shape, ctx.dtype = spec, bits, x.shape, x.dtype
+        ctx.order = storage_order(x)
         family = spec.family
         if family == "mask":
-            saved = (pack_mask(x, spec),)
+            saved = (pack_mask(x, spec, ctx.order),)
         elif family == "derivative":
-            saved = (pack_codes(x, ready_codebook(_codebook_name(spec), bits), bits),)
+            saved = (pack_codes(x, ready_codebook(_codebook_name(spec), bits), bits, ctx.order),)
         y = forward_fn(x)
         # compiled code has no data pointers; there, an in-place op returns its input object
         if y is x or (not torch.compiler.is_compiling() and y.data_ptr() == x.data_ptr() and y.shape == x.shape):
@@ -119,12 +121,11 @@ class _QuantizedActivationFn(torch.autograd.Function):
         numel = grad.numel()
         if spec.family == "mask":
             (packed,) = ctx.saved_tensors
-            mask = bitpack.unpack(packed, 1, numel).view(ctx.shape).bool()
-            grad_in = _mask_gradient(grad, mask, spec)
+            grad_in = coded_product(grad, packed, 1, mask_values(spec), ctx.order)
         elif spec.family == "derivative":
             (packed,) = ctx.saved_tensors
-            codes = bitpack.unpack(packed, ctx.bits, numel).view(ctx.shape)
-            grad_in = grad * decode(codes, ready_codebook(_codebook_name(spec), ctx.bits), grad.dtype)
+            book = ready_codebook(_codebook_name(spec), ctx.bits)
+            grad_in = coded_product(grad, packed, ctx.bits, book.value_floats, ctx.order)
         else:
             packed, offset, step = ctx.saved_tensors
             rows = dequantize_rows(packed, offset, step, ctx.rows, ctx.width, ctx.bits, grad.dtype)

@@ -69,8 +69,8 @@ def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tens
                     bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_rows` (up to the rounding): a ``[rows, width]`` tensor of ``dtype``."""
     codes = bitpack.unpack(packed, bits, rows * width).view(rows, width)
-    values = codes.float() * step
-    return (values + offset if offset.numel() else values).to(dtype)
+    values = codes.float().mul_(step)  # in place: one full-size fp32 tensor, not three
+    return (values.add_(offset) if offset.numel() else values).to(dtype)
 
 
 def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
