@@ -23,6 +23,7 @@ Run: python benchmarks/memory.py [--batch 32] [--models ...] [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def worker(model_name: str, config: str, batch: int, steps: int, device: str) ->
     peaks = {}
     for size in (batch // 2, batch):
         xs, ts = batch_of(size)
-        peaks[size] = peak_memory(lambda: step(xs, ts), state() + [xs, ts], device)
+        peaks[size] = peak_memory(functools.partial(step, xs, ts), [*state(), xs, ts], device)
     times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         start = time.perf_counter()
@@ -149,8 +150,8 @@ def main() -> None:
                 continue
             rows[config] = row = json.loads(output.stdout.strip().splitlines()[-1])
             full = rows.get("full fine-tuning", row)
-            print(f"| {model_name} | {config}{row['marker']} | {mib(row['peak'])} | {full['peak'] / row['peak']:.2f}x "
-                  f"less | {mib(row['kept'])} | {full['kept'] / max(row['kept'], 1):.1f}x less | {row['peak_op']} | "
+            print(f"| {model_name} | {config}{row['marker']} | {mib(row['peak'])} | "
+                  f"{full['peak'] / row['peak']:.2f}x less | {mib(row['kept'])} | {full['kept'] / max(row['kept'], 1):.1f}x less | {row['peak_op']} | "
                   f"{row['step_seconds']:.2f} | {row['step_seconds'] / full['step_seconds']:.2f}x | "
                   f"{row['faults_per_step']:,.0f} | {budget_batch(row, args.batch, budget)} | {row['trainable']:,} |",
                   flush=True)

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import CONFIGS, build  # noqa: E402
+from memory import CONFIGS, build
 
 
 def main() -> None:
