@@ -135,9 +135,9 @@ def main() -> None:
 
     budget = int(args.budget_gib * 2**30)
     print(f"machine: {machine()}; device {args.device}; batch {args.batch} at 224², AdamW, one process per row\n")
-    print(f"| model | configuration | peak in a step (MiB) | peak vs full FT | kept for backward (MiB) | kept vs full FT "
-          f"| op at the peak | step (s) | step vs full FT | minor faults / step | batch in {args.budget_gib:g} GiB "
-          f"| trainable params |")
+    print(f"| model | configuration | peak in a step (MiB) | peak vs full FT | kept for backward (MiB) "
+          f"| kept vs full FT | op at the peak | step (s) | step vs full FT | minor faults / step "
+          f"| batch in {args.budget_gib:g} GiB | trainable params |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         rows = {}
@@ -151,7 +151,8 @@ def main() -> None:
             rows[config] = row = json.loads(output.stdout.strip().splitlines()[-1])
             full = rows.get("full fine-tuning", row)
             print(f"| {model_name} | {config}{row['marker']} | {mib(row['peak'])} | "
-                  f"{full['peak'] / row['peak']:.2f}x less | {mib(row['kept'])} | {full['kept'] / max(row['kept'], 1):.1f}x less | {row['peak_op']} | "
+                  f"{full['peak'] / row['peak']:.2f}x less | {mib(row['kept'])} | "
+                  f"{full['kept'] / max(row['kept'], 1):.1f}x less | {row['peak_op']} | "
                   f"{row['step_seconds']:.2f} | {row['step_seconds'] / full['step_seconds']:.2f}x | "
                   f"{row['faults_per_step']:,.0f} | {budget_batch(row, args.batch, budget)} | {row['trainable']:,} |",
                   flush=True)
