@@ -23,7 +23,7 @@ from surgeon.resources import data_dir
 
 RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
 TARGET_LAYERS = {"depthwise_conv": ("quadratic", "linear"), "activation": ("quantized",), "conv": ("input_free",),
-                 "norm": ("frozen",), "gate": ("quantized",)}
+                 "norm": ("frozen",), "gate": ("quantized",), "matmul": ("quantized",)}
 
 
 def _is_int(value: Any) -> bool:
@@ -108,6 +108,10 @@ _LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
     ("conv", "input_free"): {},
     ("gate", "quantized"): {
         "bits": (8, _bits),
+    },
+    ("matmul", "quantized"): {
+        "bits": (8, _bits),
+        "probability_bits": (4, _bits),
     },
     ("norm", "frozen"): {
         "batchnorm": (True, _bool),

@@ -19,6 +19,7 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF, ActivationSpec
 from surgeon.layers.gated_multiply import gated_multiply
+from surgeon.layers.quantized_matmul import quantized_matmul
 from surgeon.layers.memory_variants import (
     FrozenBatchNorm,
     InputFreeConv,
@@ -30,7 +31,8 @@ from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
 from surgeon.recipe import Recipe, Rule, match_pattern
-from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, gate_nodes, quadratic_branches
+from surgeon.sites import (CONV2D_SAME, Analysis, Site, functional_nodes, gate_nodes, matmul_nodes,
+                           quadratic_branches)
 from surgeon.tracing import trace_owner
 
 # attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
@@ -148,6 +150,10 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
     rewritten = RewrittenModule(owner, graphs[True], class_name=type(owner).__name__)
     _carry_over_state(owner, rewritten)
     if graphs[False].python_code("self").src != rewritten.code:
+        # constants the tracer stored on the owner for the eval-mode trace (``_tensor_constantN``)
+        for node in graphs[False].nodes:
+            if node.op == "get_attr" and not hasattr(rewritten, node.target) and hasattr(owner, node.target):
+                rewritten.__dict__[node.target] = getattr(owner, node.target)
         rewritten.set_eval_graph(graphs[False])
     object.__setattr__(rewritten, "_surgeon_original", owner)  # not registered: no duplicate state_dict keys
     return rewritten
@@ -169,6 +175,17 @@ def _rewrite_graph(graph: torch.fx.Graph, owner: nn.Module, owner_path: str, sit
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         done.add(("gate_mul", occurrence))
+    for node, _, occurrence, probabilities in matmul_nodes(graph, owner, owner_path):
+        site = wanted.get(("matmul", occurrence))
+        if site is None:
+            continue
+        rule = recipe.rules[site.rule]  # type: ignore[index]
+        a_bits, b_bits = (rule.option("probability_bits") if p else rule.option("bits") for p in probabilities)
+        with graph.inserting_after(node):
+            new = graph.call_function(quantized_matmul, (*node.args, a_bits, b_bits, *probabilities))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done.add(("matmul", occurrence))
     for node, _, op, occurrence in functional_nodes(graph, owner_path):
         site = wanted.get((op, occurrence))
         if site is None:

@@ -283,6 +283,46 @@ def gate_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | None 
     return found
 
 
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul)
+
+
+def _is_probabilities(node: Any, root: nn.Module) -> bool:
+    """A softmax output (original or already quantized), possibly through dropout: non-negative rows."""
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module":
+            module = root.get_submodule(node.target)  # type: ignore[arg-type]
+            if isinstance(module, nn.Dropout):
+                node = node.args[0]
+                continue
+            op = module.spec.op if isinstance(module, QuantizedActivation) else module_op(module)
+            return op == "softmax"
+        if node.op == "call_function" and node.target is torch.nn.functional.dropout:
+            node = node.args[0]
+            continue
+        return _node_op(node) == "softmax"
+    return False
+
+
+def matmul_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | None = None
+                 ) -> list[tuple[torch.fx.Node, str, int, tuple[bool, bool]]]:
+    """(node, owner, occurrence, which operands are probabilities) of every ``a @ b`` between two computed
+    tensors (explicit attention), in graph order. Products with a weight (a ``get_attr``) are not sites."""
+    counts: dict[str, int] = defaultdict(int)
+    found = []
+    for node in graph.nodes:
+        is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or \
+            (node.op == "call_method" and node.target == "matmul")
+        if not is_matmul or len(node.args) != 2 or node.kwargs:
+            continue
+        if not all(isinstance(arg, torch.fx.Node) and arg.op != "get_attr" for arg in node.args):
+            continue
+        owner = _innermost_owner(node) if owner_filter is None else owner_filter
+        probabilities = (_is_probabilities(node.args[0], root), _is_probabilities(node.args[1], root))
+        found.append((node, owner, counts[owner], probabilities))
+        counts[owner] += 1
+    return found
+
+
 def _spec_of_node(node: torch.fx.Node, op: str) -> ActivationSpec:
     rest = node.args[1:]
     if any(isinstance(a, torch.fx.Node) for a in rest) or any(
@@ -356,6 +396,12 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
                         access=node.op, module_type=type(owner_module).__name__ if owner_module is not None else "?",
                         owner=owner, occurrence=occurrence, aliases=[owner])
             sites.append(site)
+        for node, owner, occurrence, _ in matmul_nodes(graph, model):
+            owner_module = modules_by_path.get(owner)
+            sites.append(Site(path=functional_site_path(owner, "matmul", occurrence), target="matmul", op="matmul",
+                              access=node.op,
+                              module_type=type(owner_module).__name__ if owner_module is not None else "?",
+                              owner=owner, occurrence=occurrence, aliases=[owner]))
     _add_hidden_sites(model, census, traced_owners, paths, modules_by_path, sites)
     _add_functional_depthwise_sites(model, census, paths, sites)
     for site in sites:
@@ -469,7 +515,7 @@ def decide(analysis: Analysis, model: nn.Module, recipe: Recipe) -> None:
                 _decide_conv(site, rule, modules_by_path[site.path])
             elif rule.target == "norm":
                 _estimate_frozen(site, rule)
-            elif rule.target == "gate":
+            elif rule.target in ("gate", "matmul"):
                 pass  # shapes are only known at run time
             else:
                 _estimate_activation(site, rule)

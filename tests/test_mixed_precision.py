@@ -17,13 +17,15 @@ from surgeon.layers.memory_variants import _FrozenBatchNormFn, _InputFreeConvFn,
 from surgeon.layers.quadratic_conv import _QuadraticDepthwiseFn
 from surgeon.layers.quantized_activation import _QuantizedActivationFn
 from surgeon.layers.quantized_attention import _QuantizedAttentionFn
+from surgeon.layers.quantized_matmul import _QuantizedMatmulFn
 
 CUSTOM_FUNCTIONS = (_QuadraticDepthwiseFn, _InputFreeConvFn, _FrozenBatchNormFn, _QuantizedLayerNormFn,
-                    _QuantizedActivationFn, _QuantizedAttentionFn, _GatedMultiplyFn)
+                    _QuantizedActivationFn, _QuantizedAttentionFn, _GatedMultiplyFn, _QuantizedMatmulFn)
 
 
 class EveryLayer(nn.Module):
-    """Frozen conv + BatchNorm, depthwise conv, ReLU, GELU, a squeeze-excitation gate, LayerNorm and attention."""
+    """Frozen conv + BatchNorm, depthwise conv, ReLU, GELU, a squeeze-excitation gate, LayerNorm, fused attention
+    and explicit attention (``q @ k.T``, softmax, ``attn @ v``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,17 +35,18 @@ class EveryLayer(nn.Module):
         self.se = nn.Conv2d(16, 16, 1)
         self.gate = nn.Sigmoid()
         self.norm = nn.LayerNorm(16)
-        self.qkv = nn.Linear(16, 48)
-        self.head = nn.Linear(16, 10)
+        self.qkv = nn.Linear(16, 96)
+        self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.stem(x)))
         x = F.gelu(self.dw(x))
         x = x * self.gate(self.se(x.mean((2, 3), keepdim=True)))
         tokens = self.norm(x.flatten(2).transpose(1, 2))
-        q, k, v = self.qkv(tokens).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v)
-        return self.head(attended.transpose(1, 2).flatten(2).mean(1))
+        explicit = (q * 0.25 @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.head((attended + explicit).transpose(1, 2).flatten(2).mean(1))
 
 
 def converted_model() -> nn.Module:
@@ -55,7 +58,8 @@ def converted_model() -> nn.Module:
         {"target": "depthwise_conv", "layer": "quadratic", "saved_input_bits": 8},
         {"target": "activation", "layer": "quantized", "attention_input_bits": 8},
         {"target": "conv", "layer": "input_free"}, {"target": "norm", "layer": "frozen"},
-        {"target": "gate", "layer": "quantized"}]}, example_input=torch.randn(1, 3, 8, 8))
+        {"target": "gate", "layer": "quantized"}, {"target": "matmul", "layer": "quantized"}]},
+        example_input=torch.randn(1, 3, 8, 8))
     with torch.no_grad():
         converted.dw.weight_a.normal_(0, 0.1)
     return converted.train()

@@ -18,7 +18,7 @@ def test_shipped_recipes():
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.rules
     assert [r.target for r in load_recipe("quadranet-v2-s2a").rules] == ["depthwise_conv", "activation", "conv", "norm",
-                                                                         "gate"]
+                                                                         "gate", "matmul"]
 
 
 @pytest.mark.parametrize("data,field", [

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 _BYTE_TABLES: dict[tuple[tuple[float, ...], int, torch.dtype, str], torch.Tensor] = {}
 
@@ -76,4 +76,5 @@ def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: t
         byte_start, byte_stop = start // per_byte, (stop + per_byte - 1) // per_byte
         factors = table.index_select(0, packed[byte_start:byte_stop].int()).view(-1)[:stop - start]
         torch.mul(source[start:stop], factors, out=target[start:stop])
+        del factors  # before the next chunk's are made
     return out

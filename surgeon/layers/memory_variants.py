@@ -54,6 +54,19 @@ def _needs_backward(x: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ convolution
+def conv_input_gradient(grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size, stride: Any,
+                        padding: Any, dilation: Any, groups: int) -> torch.Tensor:
+    """The input gradient of a conv as the transposed conv of its output gradient, in the gradient's memory
+    format. (``torch.nn.grad.conv2d_input`` passes an expanded stand-in input, which sends channels-last gradients
+    through NCHW copies: four input-sized allocations and 2-4x the time.)"""
+    stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                                 for v in (stride, padding, dilation))
+    output_padding = tuple(
+        input_shape[i + 2] - ((grad.shape[i + 2] - 1) * stride[i] - 2 * padding[i]
+                              + dilation[i] * (weight.shape[i + 2] - 1) + 1) for i in range(2))
+    return F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
+
+
 class _InputFreeConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
@@ -78,8 +91,8 @@ class _InputFreeConvFn(torch.autograd.Function):
             padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.padded_shape, weight, grad, conv.stride, padding, conv.dilation,
-                                                conv.groups)
+            grad_x = conv_input_gradient(grad, weight, ctx.padded_shape, conv.stride, padding, conv.dilation,
+                                         conv.groups)
             if ctx.pads is not None:
                 grad_x = F.pad(grad_x, tuple(-p for p in ctx.pads))
         grad_bias = grad.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None

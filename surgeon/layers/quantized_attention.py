@@ -4,7 +4,9 @@ Fused ``F.scaled_dot_product_attention`` hides its softmax, so there is no site 
 provides an equivalent: without autograd it calls the fused op itself (bit-identical outputs); when a backward
 will follow it computes attention explicitly and keeps ``q``, ``k``, ``v`` and the probabilities quantized
 per row (plus a 1-bit dropout mask when dropout is active) - never the fp32 ``N x N`` matrix. With
-``input_bits = 8`` the ``q``, ``k``, ``v`` kept for the backward are 8-bit per token and head as well.
+``input_bits = 8`` the ``q``, ``k``, ``v`` kept for the backward are 8-bit per token and head as well. For long
+sequences, where even low-bit ``N x N`` probabilities outweigh what the fused op keeps (``O(N)`` per head beside
+its inputs and output), the fused op itself runs.
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v
 
 
+def _quantized_keeps_more(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, input_bits: int) -> bool:
+    """Whether the explicit route would keep more bytes for backward than fused attention does."""
+    rows = q.shape[:-1].numel()
+    element = q.element_size()
+    row_scales = 8  # fp32 offset and step per quantized row
+    probabilities = rows * k.shape[-2] * bits / 8 + rows * row_scales
+    operands = sum(t.numel() * (input_bits / 8 if input_bits < 32 else element)
+                   + (t.shape[:-1].numel() * row_scales if input_bits < 32 else 0) for t in (q, k, v))
+    fused = sum(t.numel() for t in (q, k, v)) * element + q.shape[:-1].numel() * v.shape[-1] * element + rows * 4
+    return probabilities + operands > fused
+
+
 def quantized_scaled_dot_product_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
@@ -129,6 +143,11 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     grouped = enable_gqa and query.shape[-3] != key.shape[-3]
     if not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if _quantized_keeps_more(query, key, value, bits, input_bits):
+        # long sequences: N x N probabilities, even at low bits, outweigh what the fused op keeps (q, k, v, its
+        # output and one log-sum-exp per row, recomputing the probabilities in backward)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

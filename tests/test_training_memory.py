@@ -1,0 +1,162 @@
+"""Peak memory of training: the measurement itself, and a bound per layer family on what its backward allocates.
+
+Each family's backward may allocate its input gradient plus a stated number of input-sized temporaries, and no
+more: a change that materialises one more full-size tensor (a decoded copy, an fp32 upcast, a product that is
+not freed) exceeds the bound. Inputs are a few million elements, larger than the chunks the coded backward walks.
+"""
+
+from __future__ import annotations
+
+import timm.layers
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.layers.activation_ops import ActivationSpec
+from surgeon.layers.gated_multiply import gated_multiply
+from surgeon.layers.memory_variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
+from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.layers.quantized_activation import QuantizedActivation
+from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
+from surgeon.layers.quantized_matmul import quantized_matmul
+from surgeon.memory import live_bytes, peak_memory
+
+IMAGE = (4, 64, 96, 96)  # 2.4 M elements, 9.4 MB in fp32
+
+
+def test_peak_memory_replays_allocations():
+    """Peak of a known allocation pattern: 4000 + 8000 bytes alive together, then 2000 after the first is freed."""
+    held = torch.zeros(250)  # alive before: counted in start, not allocated inside
+
+    def pattern() -> None:
+        a = torch.empty(1000)
+        b = torch.empty(2000)
+        del a
+        c = torch.empty(500)
+        del b, c
+
+    result = peak_memory(pattern, [held])
+    assert result.start == 1000
+    assert result.peak == 1000 + 12000
+    assert result.end == 1000
+    assert result.rise == 12000
+
+
+def test_peak_memory_sees_backward_temporaries():
+    """The rise of a backward includes temporaries freed before it returns, not only what it returns."""
+    x = torch.randn(1000, 1000, requires_grad=True)
+    y = (x * 2).exp()  # exp keeps its output; its backward allocates grad * output before the mul's backward
+    grad = torch.ones_like(y)
+    result = peak_memory(lambda: torch.autograd.backward(y, grad), [x, y, grad])
+    assert result.rise >= 2 * x.numel() * 4  # the exp gradient and x.grad are alive together
+
+
+def _backward_rise(forward, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[int, int]:
+    """(bytes the backward allocates at its peak, bytes of the input gradients it returns); whatever forward keeps
+    for backward is held alive throughout, so only the backward's own allocations count."""
+    kept: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward(*inputs)
+    grad = torch.randn_like(out)
+    result = peak_memory(lambda: torch.autograd.backward(out, grad), [*inputs, *params, *kept, out, grad])
+    returned = live_bytes([t.grad for t in inputs if t.grad is not None])
+    return result.rise, returned
+
+
+def _image(channels_last: bool = True) -> torch.Tensor:
+    x = torch.randn(*IMAGE)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_(True)
+
+
+def _check(forward, inputs, params=(), extra_temporaries: float = 0.0) -> None:
+    """Backward allocates its input gradients plus at most ``extra_temporaries`` input-sized tensors (and 2 MiB of
+    per-chunk or per-channel scratch)."""
+    rise, returned = _backward_rise(forward, list(inputs), list(params))
+    size = max(t.numel() * t.element_size() for t in inputs)
+    bound = returned + extra_temporaries * size + 2 * 2**20
+    assert rise <= bound, f"backward allocated {rise / size:.2f} input sizes; bound {bound / size:.2f}"
+
+
+def _activation(op: str, module: nn.Module, bits: int = 4) -> nn.Module:
+    spec = ActivationSpec(op, (("dim", -1),)) if op == "softmax" else ActivationSpec(op)
+    return QuantizedActivation(module, spec, bits=bits)
+
+
+def test_coded_activations_allocate_only_their_gradient():
+    for op, module in (("relu", nn.ReLU()), ("relu6", nn.ReLU6()), ("gelu", nn.GELU()), ("silu", nn.SiLU()),
+                       ("hardswish", nn.Hardswish())):
+        layer = _activation(op, module)
+        _check(layer, [_image()], extra_temporaries=0.0)
+        _check(layer, [_image(channels_last=False)], extra_temporaries=0.0)
+
+
+def test_output_coded_activations():
+    """Sigmoid/Tanh/Softmax rebuild their output from codes: one fp32 output beside the gradient."""
+    for op, module in (("sigmoid", nn.Sigmoid()), ("tanh", nn.Tanh()), ("softmax", nn.Softmax(dim=-1))):
+        _check(_activation(op, module), [_image(channels_last=False)], extra_temporaries=2.0)
+
+
+def test_quadratic_conv_backward_holds_at_most_four_full_size_tensors():
+    """Dequantized input, one recomputed branch turned into its gradient, one branch input gradient, beside the
+    accumulated input gradient."""
+    for kernel, stride, same in ((7, 1, False), (3, 2, True), (5, 1, True)):
+        conv = nn.Conv2d(IMAGE[1], IMAGE[1], kernel, stride, kernel // 2, groups=IMAGE[1])
+        layer = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, saved_input_bits=8)
+        with torch.no_grad():
+            layer.weight_a.normal_()
+        params = [layer.weight_a, layer.weight_b]
+        # "same" padding adds the padded input copy and the padded input gradient before it is cropped
+        _check(layer, [_image()], params, extra_temporaries=3.0 + (2.1 if same else 0.0))
+
+
+def test_frozen_layers():
+    conv = make_variant(nn.Conv2d(IMAGE[1], IMAGE[1], 1).requires_grad_(False), InputFreeConv)
+    _check(conv, [_image()], extra_temporaries=0.0)
+    norm = make_variant(nn.BatchNorm2d(IMAGE[1]).eval().requires_grad_(False), FrozenBatchNorm)
+    _check(norm, [_image()], extra_temporaries=0.0)
+
+
+def test_quantized_layer_norm():
+    """Dequantized normalised rows (fp32) beside the gradient; the affine gradient is per channel."""
+    for norm, dim, x in ((nn.LayerNorm(IMAGE[1]), -1, torch.randn(4, 96 * 96, IMAGE[1])),
+                         (timm.layers.LayerNorm2d(IMAGE[1]), 1, _image().detach())):
+        norm.requires_grad_(False)
+        variant = make_variant(norm, QuantizedLayerNorm)
+        variant._surgeon_channel_dim = dim
+        _check(variant, [x.requires_grad_(True)], extra_temporaries=1.0)
+
+
+def test_gated_multiply():
+    gate = torch.rand(IMAGE[0], IMAGE[1], 1, 1, requires_grad=True)
+    _check(lambda x, g: gated_multiply(x, g, False, 8), [_image(), gate], extra_temporaries=2.0)
+
+
+def test_quantized_matmul():
+    """q @ k.T: each operand's gradient needs the other one dequantized, one at a time."""
+    q = torch.randn(64, 4, 196, 32, requires_grad=True)
+    k = torch.randn(64, 4, 196, 32, requires_grad=True)
+    _check(lambda a, b: quantized_matmul(a, b.transpose(-2, -1)), [q, k], extra_temporaries=1.0)
+
+
+def test_quantized_attention():
+    """Probabilities and their gradient are ``N x N`` per head: bounded by a few score-sized tensors."""
+    q, k, v = (torch.randn(16, 6, 197, 64, requires_grad=True) for _ in range(3))
+    rise, returned = _backward_rise(
+        lambda a, b, c: quantized_scaled_dot_product_attention(a, b, c, bits=4, input_bits=8), [q, k, v], [])
+    scores = 16 * 6 * 197 * 197 * 4
+    assert rise <= returned + 3 * q.numel() * 4 + 4 * scores, (rise - returned) / scores
+
+
+def test_long_sequences_use_the_fused_attention():
+    """Where N x N low-bit probabilities outweigh fused attention's O(N) state, the fused op runs: it keeps less."""
+    q, k, v = (torch.randn(1, 1, 4096, 32, requires_grad=True) for _ in range(3))
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = quantized_scaled_dot_product_attention(q, k, v, bits=4, input_bits=8)
+    assert live_bytes(kept) < 4096 * 4096 * 4 / 8  # less than the 4-bit probabilities alone
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
