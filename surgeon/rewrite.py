@@ -19,7 +19,6 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.layers.activation_ops import FUNCTION_KEY_OF, ActivationSpec
 from surgeon.layers.gated_multiply import gated_multiply
-from surgeon.layers.quantized_matmul import quantized_matmul
 from surgeon.layers.memory_variants import (
     FrozenBatchNorm,
     InputFreeConv,
@@ -30,9 +29,9 @@ from surgeon.layers.memory_variants import (
 from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
 from surgeon.layers.quantized_activation import QuantizedActivation, prepare, quantized_call
 from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
+from surgeon.layers.quantized_matmul import quantized_matmul
 from surgeon.recipe import Recipe, Rule, match_pattern
-from surgeon.sites import (CONV2D_SAME, Analysis, Site, functional_nodes, gate_nodes, matmul_nodes,
-                           quadratic_branches)
+from surgeon.sites import CONV2D_SAME, Analysis, Site, functional_nodes, gate_nodes, matmul_nodes, quadratic_branches
 from surgeon.tracing import trace_owner
 
 # attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
