@@ -161,16 +161,29 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
     @staticmethod
     def _forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
-        primary = layer.primary_conv(x, weight, bias)
         primary_call, call_a, call_b = layer.branch_calls(x)
-        a, _ = _branch_forward(x, weight_a, call_a, layer.stride, layer.channels)
-        b, _ = _branch_forward(x, weight_b, call_b, layer.stride, layer.channels)
+        ctx.padded = layer.same_dynamic and primary_call.pre_pads is not None
+        if ctx.padded:
+            # timm's dynamic "same" padding: pad once, run the primary conv exactly as the original did and both
+            # branches as dense convs on the same padded input (not two more padded copies), keep it padded
+            xp = F.pad(x, primary_call.pre_pads)
+            primary = F.conv2d(xp, weight, bias, layer.stride, (0, 0), layer.dilation, layer.channels)
+            span = conv_span(layer.kernel_size, layer.dilation)
+            a, b = (F.conv2d(xp, dense_branch_weight(w, branch, span), None, layer.stride, (0, 0), (1, 1),
+                             layer.channels) for w, branch in ((weight_a, layer.branch_a), (weight_b, layer.branch_b)))
+        else:
+            xp = x
+            primary = layer.primary_conv(x, weight, bias)
+            a, _ = _branch_forward(x, weight_a, call_a, layer.stride, layer.channels)
+            b, _ = _branch_forward(x, weight_b, call_b, layer.stride, layer.channels)
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.calls = (primary_call, call_a, call_b)
+        ctx.input_shape = x.shape
         kept = (a, b) if layer.keep_branches else ()
         ctx.compressed = None
         if layer.saved_input_bits < 32:
-            kept_x, ctx.compressed = quantize_image(x, layer.saved_input_bits)
+            kept_x, ctx.compressed = quantize_image(xp, layer.saved_input_bits)
+            del xp
             ctx.save_for_backward(*kept_x, weight, weight_a, weight_b, *kept)
         else:
             ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
@@ -186,21 +199,42 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         layer: QuadraticDepthwiseConv2d = ctx.layer
+        primary_call, call_a, call_b = ctx.calls
         if ctx.compressed is not None:
             packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
-            x = dequantize_image(packed, offset, step, ctx.compressed)
+            x = dequantize_image(packed, offset, step, ctx.compressed)  # padded already if ctx.padded
+            xp = x if ctx.padded or primary_call.pre_pads is None else F.pad(x, primary_call.pre_pads)
         else:
             x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        primary_call, call_a, call_b = ctx.calls
+            xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
+        grad = grad.to(xp.dtype)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
-        grad = grad.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else grad
+        channels_last = is_channels_last(xp)
+        grad = grad.contiguous(memory_format=torch.channels_last) if channels_last else grad
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
+
+        def accumulate(gx: torch.Tensor) -> None:
+            """Add a gradient w.r.t. the padded input into the input's gradient (made on the first call)."""
+            nonlocal grad_x
+            pads = primary_call.pre_pads
+            if pads is not None and min(pads) >= 0:
+                left, right, top, bottom = pads
+                gx = gx[..., top:gx.shape[-2] - bottom, left:gx.shape[-1] - right]
+                if grad_x is None:
+                    grad_x = gx.contiguous(memory_format=torch.channels_last if channels_last else
+                                           torch.contiguous_format)
+                    return
+            elif pads is not None:
+                gx = _unpad(gx, pads)
+            grad_x = gx if grad_x is None else grad_x.add_(gx)
+
         if need_x or need_w or need_bias:
-            grad_x, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x,
-                                                       need_w, [weight.shape[0]], need_bias)
+            gx, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x,
+                                                   need_w, [weight.shape[0]], need_bias)
+            if need_x:
+                accumulate(gx)
+            del gx
         if not (need_x or need_a or need_b):
             return grad_x, grad_w, grad_bias, grad_a, grad_b
         span = conv_span(layer.kernel_size, layer.dilation)
@@ -215,7 +249,12 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             if kept:
                 factor_grad = grad_r * kept[other]
             else:
-                factor, _ = _branch_forward(x, (weight_a, weight_b)[other], call, stride, groups)
+                other_weight, other_branch = (weight_a, weight_b)[other], (layer.branch_a, layer.branch_b)[other]
+                if ctx.padded:  # as the forward computed it: dense on the padded input
+                    factor = F.conv2d(xp, dense_branch_weight(other_weight, other_branch, span), None, stride,
+                                      (0, 0), (1, 1), groups)
+                else:
+                    factor, _ = _branch_forward(x, other_weight, call, stride, groups)
                 factor_grad = factor.mul_(grad_r)
             dense = dense_branch_weight(own_weight, branch, span)
             gx, dense_grad, _ = _conv_backward(factor_grad, xp, dense, dense_call, stride, groups, need_x,
@@ -227,10 +266,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
                 else:
                     grad_b = dense_branch_grad(dense_grad, branch, span)
             if need_x:
-                grad_x = gx if grad_x is None else grad_x.add_(gx)
+                accumulate(gx)
             del gx
-        if grad_x is not None:
-            grad_x = _unpad(grad_x, primary_call.pre_pads)
         return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
