@@ -10,7 +10,8 @@ warm-up step (so the optimizer state exists, as in every later step), then measu
   that moment;
 * **kept**: bytes saved for backward by the forward pass (parameters and buffers excluded);
 * **step**: median wall time of ``--steps`` steps, and the minor page faults per step (each one is a page the
-  allocator got fresh from the system: large temporaries allocated and returned on every op);
+  allocator got fresh from the system: large temporaries allocated and returned on every op). Every worker keeps
+  freed CPU memory for reuse as ``surgeon adapt`` does (``surgeon.cpu_memory``), unless ``--release-cpu-memory``;
 * **budget batch**: the largest batch whose peak fits ``--budget-gib``, from peaks measured at two batch sizes
   (peak is affine in the batch).
 
@@ -61,11 +62,14 @@ def build(model_name: str, config: str, device: str):
     return model, [p for p in model.parameters() if p.requires_grad], marker
 
 
-def worker(model_name: str, config: str, batch: int, steps: int, device: str) -> dict[str, object]:
+def worker(model_name: str, config: str, batch: int, steps: int, device: str, retain: bool) -> dict[str, object]:
     import torch
 
+    from surgeon.cpu_memory import retain_freed_memory
     from surgeon.memory import peak_memory, saved_for_backward
 
+    if retain:  # every configuration alike, as ``surgeon adapt`` does on the CPU
+        retain_freed_memory()
     model, params, marker = build(model_name, config, device)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -123,18 +127,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-gib", type=float, default=8.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--release-cpu-memory", action="store_true",
+                        help="let glibc return freed blocks to the system after every op (surgeon adapt's "
+                             "--release-cpu-memory); by default every configuration keeps them, as adapt does")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.batch, args.steps, args.device)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.batch, args.steps, args.device,
+                                not args.release_cpu_memory)))
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from timing import machine
 
     budget = int(args.budget_gib * 2**30)
-    print(f"machine: {machine()}; device {args.device}; batch {args.batch} at 224², AdamW, one process per row\n")
+    kept = "returned to the system after every op" if args.release_cpu_memory else "kept for reuse (surgeon adapt)"
+    print(f"machine: {machine()}; device {args.device}; batch {args.batch} at 224², AdamW, one process per row; "
+          f"freed CPU memory {kept}\n")
     print(f"| model | configuration | peak in a step (MiB) | peak vs full FT | kept for backward (MiB) "
           f"| kept vs full FT | op at the peak | step (s) | step vs full FT | minor faults / step "
           f"| batch in {args.budget_gib:g} GiB | trainable params |")
@@ -143,7 +153,8 @@ def main() -> None:
         rows = {}
         for config in args.configs:
             output = subprocess.run([sys.executable, __file__, "--worker", model_name, config, "--batch",
-                                     str(args.batch), "--steps", str(args.steps), "--device", args.device],
+                                     str(args.batch), "--steps", str(args.steps), "--device", args.device,
+                                     *(["--release-cpu-memory"] if args.release_cpu_memory else [])],
                                     capture_output=True, text=True)
             if output.returncode != 0:
                 print(f"| {model_name} | {config} | failed: {output.stderr.strip().splitlines()[-1]} |", flush=True)

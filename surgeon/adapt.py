@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.compiling import check_backend, compiled_graph_counts
+from surgeon.cpu_memory import retain_freed_memory
 from surgeon.devices import amp_dtype, resolve_device
 from surgeon.errors import SurgeonError
 
@@ -49,6 +50,7 @@ class AdaptOptions:
     device: str | None = None  # auto | cpu | cuda | cuda:N; None: wherever the model already is
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     compile: str | None = None  # a torch.compile backend (inductor, aot_eager, ...) for the training forward
+    retain_cpu_memory: bool = True  # on the CPU, keep freed blocks for the next step (see surgeon.cpu_memory)
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     log: Callable[[str], None] | None = None
 
@@ -247,6 +249,8 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     say = opts.log or (lambda line: print(line, file=sys.stderr))
     params = require_trainable(model)
     device = resolve_device(opts.device) if opts.device is not None else params[0].device
+    if device.type == "cpu" and opts.retain_cpu_memory:
+        retain_freed_memory()
     rank, world = distributed_setup(device)
     model.to(device)
     if opts.channels_last:

@@ -188,6 +188,10 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
           compile_backend: Annotated[str | None, typer.Option("--compile", help="Train the forward under "
                                                               "torch.compile with this backend (inductor, "
                                                               "aot_eager, ...).")] = None,
+          retain_cpu_memory: Annotated[bool, typer.Option(
+              "--retain-cpu-memory/--release-cpu-memory", help="On the CPU, keep freed memory in the process for "
+              "the next step's tensors instead of returning it to the system after every op (faster; the "
+              "resident size stays at the step's peak).")] = True,
           json_output: JsonOpt = False) -> None:
     """Train the adapters of a converted model on an image-folder dataset (torchrun for several processes)."""
     import random
@@ -248,7 +252,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
                        seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
-                       stop_after=stop_after, device=str(target), amp=amp, compile=compile_backend)
+                       stop_after=stop_after, device=str(target), amp=amp, compile=compile_backend,
+                       retain_cpu_memory=retain_cpu_memory)
     if adapter_out is not None and rank == 0:
         surgeon.save_adapter(model, adapter_out, force=True)
         say(f"adapter-only artifact in {adapter_out} ({surgeon.trainable_summary(model)})")

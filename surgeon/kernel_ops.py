@@ -86,8 +86,9 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
         out = rows.new_empty(bitpack.packed_numel(rows.numel(), bits), dtype=torch.uint8)
         for first in range(0, count, per_chunk):
             last = min(first + per_chunk, count)
-            out[first * width // per_byte:(last * width + per_byte - 1) // per_byte] = bitpack.pack(codes(first, last),
-                                                                                                 bits)
+            chunk = codes(first, last)
+            out[first * width // per_byte:(last * width + per_byte - 1) // per_byte] = (
+                chunk.view(-1) if bits == 8 else bitpack.pack(chunk, bits))  # 8-bit codes are their own packing
         return out
 
     packed = cuda_kernels.rows_pack(rows, offset, step, bits, torch_route) if cuda_kernels.usable(rows) else None

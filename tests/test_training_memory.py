@@ -21,7 +21,7 @@ from surgeon.layers.quantized_attention import quantized_scaled_dot_product_atte
 from surgeon.layers.quantized_matmul import quantized_matmul
 from surgeon.memory import live_bytes, peak_memory
 
-IMAGE = (4, 64, 96, 96)  # 2.4 M elements, 9.4 MB in fp32
+IMAGE = (4, 64, 192, 192)  # 9.4 M elements, 38 MB in fp32
 
 
 def test_peak_memory_replays_allocations():
@@ -74,11 +74,11 @@ def _image(channels_last: bool = True) -> torch.Tensor:
 
 
 def _check(forward, inputs, params=(), extra_temporaries: float = 0.0) -> None:
-    """Backward allocates its input gradients plus at most ``extra_temporaries`` input-sized tensors (and 2 MiB of
-    per-chunk or per-channel scratch)."""
+    """Backward allocates its input gradients plus at most ``extra_temporaries`` input-sized tensors (and 8 MiB of
+    per-chunk or per-channel scratch, a fifth of an input)."""
     rise, returned = _backward_rise(forward, list(inputs), list(params))
     size = max(t.numel() * t.element_size() for t in inputs)
-    bound = returned + extra_temporaries * size + 2 * 2**20
+    bound = returned + extra_temporaries * size + 8 * 2**20
     assert rise <= bound, f"backward allocated {rise / size:.2f} input sizes; bound {bound / size:.2f}"
 
 
@@ -111,7 +111,7 @@ def test_quadratic_conv_backward_holds_at_most_four_full_size_tensors():
             layer.weight_a.normal_()
         params = [layer.weight_a, layer.weight_b]
         # with "same" padding the dequantized input and the gradients w.r.t. it are padded: slightly larger
-        _check(layer, [_image()], params, extra_temporaries=3.1)
+        _check(layer, [_image()], params, extra_temporaries=3.05)
 
 
 def test_frozen_layers():
@@ -123,7 +123,7 @@ def test_frozen_layers():
 
 def test_quantized_layer_norm():
     """Dequantized normalised rows (fp32) beside the gradient; the affine gradient is per channel."""
-    for norm, dim, x in ((nn.LayerNorm(IMAGE[1]), -1, torch.randn(4, 96 * 96, IMAGE[1])),
+    for norm, dim, x in ((nn.LayerNorm(IMAGE[1]), -1, torch.randn(4, 192 * 192, IMAGE[1])),
                          (timm.layers.LayerNorm2d(IMAGE[1]), 1, _image().detach())):
         norm.requires_grad_(False)
         variant = make_variant(norm, QuantizedLayerNorm)
@@ -160,3 +160,26 @@ def test_long_sequences_use_the_fused_attention():
         out = quantized_scaled_dot_product_attention(q, k, v, bits=4, input_bits=8)
     assert live_bytes(kept) < 4096 * 4096 * 4 / 8  # less than the 4-bit probabilities alone
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_retained_cpu_memory_stops_refaulting_large_tensors():
+    """With freed memory kept, a step's large tensors reuse pages instead of faulting fresh ones in every time."""
+    script = """
+import resource, torch
+from surgeon.cpu_memory import retain_freed_memory
+if {retain}:
+    assert retain_freed_memory()
+def touch():
+    for _ in range(3):
+        torch.ones(16 * 2**20).add_(1)  # 64 MiB, allocated, written and freed
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    import subprocess
+    import sys
+
+    faults = {retain: int(subprocess.run([sys.executable, "-c", script.format(retain=retain)], capture_output=True,
+                                         text=True, check=True).stdout.split()[-1]) for retain in (False, True)}
+    assert faults[True] * 10 < faults[False], faults

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
-CHUNK_ELEMENTS = 1 << 18  # a multiple of 8: chunk boundaries fall on byte boundaries at every width
+CHUNK_ELEMENTS = 1 << 20  # a multiple of 8: chunk boundaries fall on byte boundaries at every width
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
