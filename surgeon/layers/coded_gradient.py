@@ -20,10 +20,10 @@ _BYTE_TABLES: dict[tuple[tuple[float, ...], int, torch.dtype, str], torch.Tensor
 
 
 def storage_order(t: torch.Tensor) -> tuple[int, ...]:
-    """The permutation of dims that lists ``t``'s elements in memory order (identity if there is none)."""
-    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
-    if order != tuple(range(t.dim())) and t.permute(order).is_contiguous():
-        return order
+    """The permutation of dims that lists ``t``'s elements in memory order: channels-last images as NHWC,
+    everything else in its own dim order (copied to it if it is stored otherwise)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
     return tuple(range(t.dim()))
 
 

@@ -169,8 +169,10 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             xp = F.pad(x, primary_call.pre_pads)
             primary = F.conv2d(xp, weight, bias, layer.stride, (0, 0), layer.dilation, layer.channels)
             span = conv_span(layer.kernel_size, layer.dilation)
-            a, b = (F.conv2d(xp, dense_branch_weight(w, branch, span), None, layer.stride, (0, 0), (1, 1),
-                             layer.channels) for w, branch in ((weight_a, layer.branch_a), (weight_b, layer.branch_b)))
+            a = F.conv2d(xp, dense_branch_weight(weight_a, layer.branch_a, span), None, layer.stride, (0, 0), (1, 1),
+                         layer.channels)
+            b = F.conv2d(xp, dense_branch_weight(weight_b, layer.branch_b, span), None, layer.stride, (0, 0), (1, 1),
+                         layer.channels)
         else:
             xp = x
             primary = layer.primary_conv(x, weight, bias)
@@ -183,7 +185,7 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         ctx.compressed = None
         if layer.saved_input_bits < 32:
             kept_x, ctx.compressed = quantize_image(xp, layer.saved_input_bits)
-            del xp
+            xp = None  # the padded copy is not needed past here (a plain rebinding: compiled code cannot delete it)
             ctx.save_for_backward(*kept_x, weight, weight_a, weight_b, *kept)
         else:
             ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
