@@ -269,11 +269,7 @@ def gate_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | None 
     """(node, owner, occurrence, gate argument index) of every ``x * gate(...)`` multiply, in graph order."""
     counts: dict[str, int] = defaultdict(int)
     found = []
-    for node in graph.nodes:
-        is_mul = (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or \
-            (node.op == "call_method" and node.target == "mul")
-        if not is_mul or len(node.args) != 2 or node.kwargs:
-            continue
+    for node in _binary_calls(graph, _MUL_FUNCTIONS, "mul"):
         gate_index = next((i for i, arg in enumerate(node.args) if _is_gate_node(arg, root)), None)
         if gate_index is None or not isinstance(node.args[1 - gate_index], torch.fx.Node):
             continue
@@ -281,6 +277,14 @@ def gate_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | None 
         found.append((node, owner, counts[owner], gate_index))
         counts[owner] += 1
     return found
+
+
+def _binary_calls(graph: torch.fx.Graph, functions: tuple[Any, ...], method: str) -> list[torch.fx.Node]:
+    """Nodes calling one of ``functions`` (or ``Tensor.<method>``) with exactly two positional arguments."""
+    return [node for node in graph.nodes
+            if ((node.op == "call_function" and node.target in functions)
+                or (node.op == "call_method" and node.target == method))
+            and len(node.args) == 2 and not node.kwargs]
 
 
 _MATMUL_FUNCTIONS = (operator.matmul, torch.matmul)
@@ -309,11 +313,7 @@ def matmul_nodes(graph: torch.fx.Graph, root: nn.Module, owner_filter: str | Non
     tensors (explicit attention), in graph order. Products with a weight (a ``get_attr``) are not sites."""
     counts: dict[str, int] = defaultdict(int)
     found = []
-    for node in graph.nodes:
-        is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or \
-            (node.op == "call_method" and node.target == "matmul")
-        if not is_matmul or len(node.args) != 2 or node.kwargs:
-            continue
+    for node in _binary_calls(graph, _MATMUL_FUNCTIONS, "matmul"):
         if not all(isinstance(arg, torch.fx.Node) and arg.op != "get_attr" for arg in node.args):
             continue
         owner = _innermost_owner(node) if owner_filter is None else owner_filter
