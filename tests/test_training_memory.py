@@ -144,12 +144,13 @@ def test_quantized_matmul():
 
 
 def test_quantized_attention():
-    """Probabilities and their gradient are ``N x N`` per head: bounded by a few score-sized tensors."""
+    """Probabilities and their gradient are ``N x N`` per head: the dequantized probabilities and one gradient
+    buffer, worked in place (plus the dequantized q, k, v)."""
     q, k, v = (torch.randn(16, 6, 197, 64, requires_grad=True) for _ in range(3))
     rise, returned = _backward_rise(
         lambda a, b, c: quantized_scaled_dot_product_attention(a, b, c, bits=4, input_bits=8), [q, k, v], [])
     scores = 16 * 6 * 197 * 197 * 4
-    assert rise <= returned + 3 * q.numel() * 4 + 4 * scores, (rise - returned) / scores
+    assert rise <= returned + 3 * q.numel() * 4 + 2.2 * scores, (rise - returned) / scores
 
 
 def test_long_sequences_use_the_fused_attention():

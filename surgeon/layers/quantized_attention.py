@@ -105,11 +105,16 @@ class _QuantizedAttentionFn(torch.autograd.Function):
             keep = keep / (1 - ctx.dropout_p)
             dropped = probs * keep
         grad_v = dropped.transpose(-2, -1) @ grad
+        del dropped
         grad_probs = grad @ v.transpose(-2, -1)
         if ctx.dropout_p > 0:
-            grad_probs = grad_probs * keep
-        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
-        grad_scores = grad_scores * ctx.scale
+            grad_probs.mul_(keep)
+            del keep
+        # softmax backward in the N x N buffer it starts from: the row dot product as a batched matmul (no
+        # product matrix), then subtract, multiply and scale in place; two N x N tensors alive, not five
+        row_dot = (grad_probs.unsqueeze(-2) @ probs.unsqueeze(-1)).squeeze(-1)
+        grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(ctx.scale)
+        del probs
         grad_q = grad_scores @ k
         grad_k = grad_scores.transpose(-2, -1) @ q
         return grad_q, grad_k, grad_v
