@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 20
+from surgeon.layers.bitpack import CHUNK_ELEMENTS
 
 _BYTE_TABLES: dict[tuple[tuple[float, ...], int, torch.dtype, str], torch.Tensor] = {}
 

@@ -52,7 +52,7 @@ class DerivativeCodebook:
     low: float
     step: float
     cell_codes: torch.Tensor
-    value_floats: tuple[float, ...] = ()  # ``values`` as Python floats: what the backward's lookup table is built from
+    value_floats: tuple[float, ...]  # ``values`` as Python floats: what the backward's lookup table is built from
 
     on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -165,8 +165,3 @@ def grid_cells(x: torch.Tensor, low: float, step: float, cells: int) -> torch.Te
 def encode(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
     """Interval index of every element of ``x`` (uint8)."""
     return book.cell_codes.to(x.device)[cell_index(x, book)]
-
-
-def decode(codes: torch.Tensor, book: DerivativeCodebook, dtype: torch.dtype) -> torch.Tensor:
-    """Derivative value of every code."""
-    return book.tensor_on("values", codes.device).to(dtype)[codes.long()]

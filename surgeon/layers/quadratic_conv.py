@@ -123,21 +123,31 @@ def _conv_backward(grad: torch.Tensor, xp: torch.Tensor, weight: torch.Tensor, c
     )
 
 
-def dense_branch_weight(weight: torch.Tensor, branch: AtrousKernel, span: Pair) -> torch.Tensor:
-    """A branch's few dilated taps placed in a dense ``span``-sized kernel (zeros elsewhere), centred as
-    :func:`branch_pads` centres the branch window: the same conv, expressed on the primary conv's grid."""
+def _tap_positions(branch: AtrousKernel, span: Pair) -> tuple[slice, slice]:
+    """Where a branch's taps sit in a dense ``span``-sized kernel, centred as :func:`branch_pads` centres the
+    branch window."""
     (sh, sw), (bh, bw) = span, branch.span()
     top, left = (sh - bh) // 2, (sw - bw) // 2
-    dense = weight.new_zeros(*weight.shape[:2], sh, sw)
-    dense[..., top:top + bh:branch.dilation[0], left:left + bw:branch.dilation[1]] = weight
+    return slice(top, top + bh, branch.dilation[0]), slice(left, left + bw, branch.dilation[1])
+
+
+def dense_branch_weight(weight: torch.Tensor, branch: AtrousKernel, span: Pair) -> torch.Tensor:
+    """A branch's few dilated taps placed in a dense ``span``-sized kernel (zeros elsewhere): the same conv,
+    expressed on the primary conv's grid."""
+    dense = weight.new_zeros(*weight.shape[:2], *span)
+    dense[(..., *_tap_positions(branch, span))] = weight
     return dense
 
 
 def dense_branch_grad(dense_grad: torch.Tensor, branch: AtrousKernel, span: Pair) -> torch.Tensor:
     """The taps of :func:`dense_branch_weight` picked back out of a dense kernel's gradient."""
-    (sh, sw), (bh, bw) = span, branch.span()
-    top, left = (sh - bh) // 2, (sw - bw) // 2
-    return dense_grad[..., top:top + bh:branch.dilation[0], left:left + bw:branch.dilation[1]].contiguous()
+    return dense_grad[(..., *_tap_positions(branch, span))].contiguous()
+
+
+def _dense_branch_conv(xp: torch.Tensor, weight: torch.Tensor, branch: AtrousKernel, span: Pair, stride: Pair,
+                       groups: int) -> torch.Tensor:
+    """A branch computed on an input already padded for the primary conv (no padding of its own)."""
+    return F.conv2d(xp, dense_branch_weight(weight, branch, span), None, stride, (0, 0), (1, 1), groups)
 
 
 class _QuadraticDepthwiseFn(torch.autograd.Function):
@@ -169,10 +179,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             xp = F.pad(x, primary_call.pre_pads)
             primary = F.conv2d(xp, weight, bias, layer.stride, (0, 0), layer.dilation, layer.channels)
             span = conv_span(layer.kernel_size, layer.dilation)
-            a = F.conv2d(xp, dense_branch_weight(weight_a, layer.branch_a, span), None, layer.stride, (0, 0), (1, 1),
-                         layer.channels)
-            b = F.conv2d(xp, dense_branch_weight(weight_b, layer.branch_b, span), None, layer.stride, (0, 0), (1, 1),
-                         layer.channels)
+            a = _dense_branch_conv(xp, weight_a, layer.branch_a, span, layer.stride, layer.channels)
+            b = _dense_branch_conv(xp, weight_b, layer.branch_b, span, layer.stride, layer.channels)
         else:
             xp = x
             primary = layer.primary_conv(x, weight, bias)
@@ -180,7 +188,6 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             b, _ = _branch_forward(x, weight_b, call_b, layer.stride, layer.channels)
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.calls = (primary_call, call_a, call_b)
-        ctx.input_shape = x.shape
         kept = (a, b) if layer.keep_branches else ()
         ctx.compressed = None
         if layer.saved_input_bits < 32:
@@ -253,8 +260,7 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
             else:
                 other_weight, other_branch = (weight_a, weight_b)[other], (layer.branch_a, layer.branch_b)[other]
                 if ctx.padded:  # as the forward computed it: dense on the padded input
-                    factor = F.conv2d(xp, dense_branch_weight(other_weight, other_branch, span), None, stride,
-                                      (0, 0), (1, 1), groups)
+                    factor = _dense_branch_conv(xp, other_weight, other_branch, span, stride, groups)
                 else:
                     factor, _ = _branch_forward(x, other_weight, call, stride, groups)
                 factor_grad = factor.mul_(grad_r)

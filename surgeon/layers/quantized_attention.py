@@ -147,12 +147,10 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
                input_bits: int) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     grouped = enable_gqa and query.shape[-3] != key.shape[-3]
-    if not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if _quantized_keeps_more(query, key, value, bits, input_bits):
-        # long sequences: N x N probabilities, even at low bits, outweigh what the fused op keeps (q, k, v, its
-        # output and one log-sum-exp per row, recomputing the probabilities in backward)
+    # the fused op also runs for long sequences, where N x N probabilities, even at low bits, outweigh what it
+    # keeps (q, k, v, its output and one log-sum-exp per row, recomputing the probabilities in backward)
+    if (not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad)
+            or _quantized_keeps_more(query, key, value, bits, input_bits)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
