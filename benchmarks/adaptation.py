@@ -1,7 +1,7 @@
 """Accuracy of adaptation methods on an offline domain-shift task, with their cost.
 
 Task: crops of scikit-image photos under a nonlinear colour shift, labelled by the pretrained
-EfficientNet-Lite0 on the clean crop (``surgeon.demo_data``). Methods, all on the same pretrained weights with
+EfficientNet-Lite0 on the clean crop (``surgeon.cli.demo_data``). Methods, all on the same pretrained weights with
 BatchNorm statistics frozen: no adaptation, bias-only (BitFit), linear depthwise adapter (``dw-linear``),
 quadratic adapters (``quadranet-v2``), quadratic adapters with the memory variants (``quadranet-v2-s2a``), and
 full fine-tuning. Several seeds; mean and spread of validation top-1, trainable parameters, bytes saved for
@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import surgeon
-from surgeon.adapt import evaluate
-from surgeon.bundled_weights import ARCHITECTURE, export_efficientnet_lite0
-from surgeon.demo_data import build_shifted_photos
-from surgeon.memory import saved_for_backward
+from surgeon.cli.demo_data import build_shifted_photos
+from surgeon.io.bundled_weights import ARCHITECTURE, export_efficientnet_lite0
+from surgeon.train.adapt import evaluate
+from surgeon.train.memory import saved_for_backward
 
 METHODS = {
     # name: (recipe or None for full fine-tuning, learning rate)

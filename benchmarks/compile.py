@@ -19,7 +19,7 @@ import timm
 import torch
 
 import surgeon
-from surgeon.compiling import graph_breaks
+from surgeon.train.compiling import graph_breaks
 
 try:
     from benchmarks.timing import compare, machine

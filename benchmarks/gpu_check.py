@@ -45,8 +45,8 @@ class Report:
 
 
 def merged_layer(kernel: int, stride: int, padding: int, rank: int, channels: int = 32):
-    from surgeon.layers.quadra_conv_dw import QuadraConvDW
-    from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+    from surgeon.methods.quadratic.inference import QuadraConvDW
+    from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
 
     conv = torch.nn.Conv2d(channels, channels, kernel, stride, padding, groups=channels)
     adapter = QuadraticDepthwiseConv2d.from_conv(conv, rank=rank)
@@ -55,12 +55,12 @@ def merged_layer(kernel: int, stride: int, padding: int, rank: int, channels: in
 
 
 def kernel_sweep(report: Report) -> None:
-    from surgeon import cuda_kernels
-    from surgeon.layers import bitpack
-    from surgeon.layers.activation_ops import ActivationSpec
-    from surgeon.layers.derivative_codebook import codebook, encode
-    from surgeon.layers.quantized_activation import pack_codes, pack_mask
-    from surgeon.layers.row_quantizer import quantize_rows
+    from surgeon.methods.s2a.activation import pack_codes, pack_mask
+    from surgeon.ops import bitpack
+    from surgeon.ops.activations import ActivationSpec
+    from surgeon.ops.derivative_codebook import codebook, encode
+    from surgeon.ops.kernels import cuda as cuda_kernels
+    from surgeon.ops.row_quantizer import quantize_rows
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -96,8 +96,8 @@ def kernel_sweep(report: Report) -> None:
 
 
 def _rows_match(q, rows: torch.Tensor) -> bool:
-    from surgeon import cuda_kernels
-    from surgeon.layers import bitpack
+    from surgeon.ops import bitpack
+    from surgeon.ops.kernels import cuda as cuda_kernels
 
     levels = 2**q.bits - 1
     codes = torch.round((rows.float() - q.offset) / q.step).clamp_(0, levels).to(torch.uint8)
@@ -111,8 +111,8 @@ def training(report: Report, steps: int) -> None:
     from typer.testing import CliRunner
 
     import surgeon
-    from surgeon.adapt import load_training_state
-    from surgeon.cli import app
+    from surgeon.cli.app import app
+    from surgeon.train.adapt import load_training_state
 
     root = Path(tempfile.mkdtemp(prefix="surgeon-gpu-check-"))
     rng = np.random.default_rng(0)
@@ -185,7 +185,7 @@ def kernel_speed(report: Report, rounds: int) -> None:
 
 
 def _speed_row(report: Report, channels: int, size: int, rounds: int) -> None:
-    from surgeon import cuda_kernels
+    from surgeon.ops.kernels import cuda as cuda_kernels
 
     layer = merged_layer(7, 1, 3, 1, channels)
     x = torch.randn(32, channels, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -214,7 +214,7 @@ def main() -> int:
         print("error: no CUDA device is visible (torch.cuda.is_available() is False); run this on a GPU machine",
               file=sys.stderr)
         return 2
-    from surgeon import cuda_kernels
+    from surgeon.ops.kernels import cuda as cuda_kernels
 
     if not cuda_kernels.available():
         print("error: CuPy with a CUDA device is needed for the fused kernels: pip install '.[cuda13]' "

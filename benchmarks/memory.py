@@ -5,13 +5,13 @@ For each model and configuration a fresh process builds the model (weights do no
 warm-up step (so the optimizer state exists, as in every later step), then measures on random images:
 
 * **peak**: the most tensor bytes alive at once during one whole training step (forward, backward, optimizer
-  step), weights, gradients, optimizer state and the batch included (``surgeon.memory.peak_memory``: the
+  step), weights, gradients, optimizer state and the batch included (``surgeon.train.memory.peak_memory``: the
   profiler's allocation events on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and the op running at
   that moment;
 * **kept**: bytes saved for backward by the forward pass (parameters and buffers excluded);
 * **step**: median wall time of ``--steps`` steps, and the minor page faults per step (each one is a page the
   allocator got fresh from the system: large temporaries allocated and returned on every op). Every worker keeps
-  freed CPU memory for reuse as ``surgeon adapt`` does (``surgeon.cpu_memory``), unless ``--release-cpu-memory``;
+  freed CPU memory for reuse as ``surgeon adapt`` does (``surgeon.train.cpu_memory``), unless ``--release-cpu-memory``;
 * **budget batch**: the largest batch whose peak fits ``--budget-gib``, from peaks measured at two batch sizes
   (peak is affine in the batch).
 
@@ -65,8 +65,8 @@ def build(model_name: str, config: str, device: str):
 def worker(model_name: str, config: str, batch: int, steps: int, device: str, retain: bool) -> dict[str, object]:
     import torch
 
-    from surgeon.cpu_memory import retain_freed_memory
-    from surgeon.memory import peak_memory, saved_for_backward
+    from surgeon.train.cpu_memory import retain_freed_memory
+    from surgeon.train.memory import peak_memory, saved_for_backward
 
     if retain:  # every configuration alike, as ``surgeon adapt`` does on the CPU
         retain_freed_memory()

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import CONFIGS, build
 
-from surgeon.cpu_memory import retain_freed_memory
+from surgeon.train.cpu_memory import retain_freed_memory
 
 
 def by_layer(events: list) -> dict[str, float]:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.layers.quadra_conv_dw import QuadraConvDW
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
 
 try:
     from benchmarks.timing import compare, machine
@@ -41,7 +41,7 @@ def layer_table(rounds: int, device: str) -> None:
 
 
 def _layer_row(channels: int, size: int, device: str, rounds: int) -> str:
-    from surgeon import cuda_kernels
+    from surgeon.ops.kernels import cuda as cuda_kernels
 
     layer = merged_layer(channels, device)
     x = torch.randn(8, channels, size, size, device=device).to(memory_format=torch.channels_last)

@@ -1,5 +1,5 @@
 """``python -m surgeon`` runs the CLI."""
 
-from surgeon.cli import main
+from surgeon.cli.app import main
 
 main()

@@ -10,24 +10,15 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError, SurgeonWarning
-from surgeon.plan import Plan
+from surgeon.graph.plan import Plan
+from surgeon.graph.probe import default_input, model_name
+from surgeon.graph.rewrite import ConversionInfo, apply_decisions, deep_copy, set_trainable
+from surgeon.graph.sites import Analysis, decide, discover
 from surgeon.recipe import Recipe, load_recipe
-from surgeon.rewrite import ConversionInfo, apply_decisions, deep_copy, set_trainable
-from surgeon.sites import Analysis, decide, discover
 
 RecipeLike = str | Path | Recipe | dict[str, Any]
 DEFAULT_RECIPE = "quadranet-v2-s2a"
 
-
-def default_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """An input of the model's pretrained resolution (timm's ``pretrained_cfg``), else 3×224×224."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else "cpu"
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *size, generator=generator, dtype=dtype).to(device)
 
 
 def _analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | None) -> Analysis:
@@ -57,10 +48,6 @@ def nothing_trainable(analysis: Analysis, recipe: Recipe) -> str | None:
     return (f"nothing will be trainable: {why}; adapt will refuse this model unless a recipe lists parameters "
             "in 'trainable'")
 
-
-def model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
 
 
 def plan(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input: torch.Tensor | None = None) -> Plan:
@@ -113,18 +100,3 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def output_difference(original: nn.Module, converted: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
-    """Max |Δ| between two models' eval outputs, absolute and relative to the original's max |output|."""
-    modes = original.training, converted.training
-    original.eval()
-    converted.eval()
-    try:
-        with torch.no_grad():
-            reference = original(example_input)
-            result = converted(example_input)
-    finally:
-        original.train(modes[0])
-        converted.train(modes[1])
-    diff = (reference.float() - result.float()).abs().max().item()
-    scale = reference.float().abs().max().item()
-    return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / scale if scale else diff}

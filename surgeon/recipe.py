@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import RecipeError
-from surgeon.layers.activation_ops import DERIVATIVE_OPS, MASK_OPS, OUTPUT_OPS
-from surgeon.layers.bitpack import SUPPORTED_BITS
-from surgeon.resources import data_dir
+from surgeon.ops.activations import DERIVATIVE_OPS, MASK_OPS, OUTPUT_OPS
+from surgeon.ops.bitpack import SUPPORTED_BITS
+from surgeon.ops.package_data import data_dir
 
 RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
 TARGET_LAYERS = {"depthwise_conv": ("quadratic", "linear"), "activation": ("quantized",), "conv": ("input_free",),

@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from surgeon.bundled_weights import export_efficientnet_lite0
+    from surgeon.io.bundled_weights import export_efficientnet_lite0
 
     return export_efficientnet_lite0(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.safetensors")
 

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.adapt import load_training_state, trainable_digest
-from surgeon.cli import app
+from surgeon.cli.app import app
 from surgeon.errors import SurgeonError
+from surgeon.train.adapt import load_training_state, trainable_digest
 
 
 class Tiny(nn.Module):
@@ -210,7 +210,7 @@ def test_torchrun_ranks_split_the_batch_count_validation_once_and_resume_exactly
 
 
 def test_samplers_split_every_epoch_between_ranks_and_count_validation_once():
-    from surgeon.sampling import EpochPermutationSampler, ShardSampler
+    from surgeon.train.sampling import EpochPermutationSampler, ShardSampler
 
     shares = [EpochPermutationSampler(10, seed=3, rank=r, world=3) for r in range(3)]
     for sampler in shares:
@@ -232,7 +232,7 @@ def test_samplers_split_every_epoch_between_ranks_and_count_validation_once():
 
 
 def test_resume_is_exact_with_data_loader_workers(tmp_path, small_artifact):
-    from surgeon.data import image_folder_data
+    from surgeon.train.data import image_folder_data
 
     write_images(tmp_path / "data", {"0": 6, "1": 6})
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli import app
+from surgeon.cli.app import app
 from surgeon.errors import CheckpointError
 from tests.test_adapt import write_images
 

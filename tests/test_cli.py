@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from surgeon.cli import app
+from surgeon.cli.app import app
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli import app
-from surgeon.demo import run_demo
+from surgeon.cli.app import app
+from surgeon.cli.demo import run_demo
 
 
 def test_demo_pipeline(tmp_path):

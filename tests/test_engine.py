@@ -12,8 +12,8 @@ from torch import nn
 
 import surgeon
 from surgeon.errors import RecipeError
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.layers.quantized_activation import QuantizedActivation
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.methods.s2a.activation import QuantizedActivation
 
 
 class Attention(nn.Module):

@@ -19,12 +19,12 @@ from timm.utils import reparameterize_model
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon import export as export_module
-from surgeon.cli import app
-from surgeon.compiling import graph_breaks
+from surgeon.cli.app import app
 from surgeon.errors import SurgeonWarning
-from surgeon.export import ExportError
-from surgeon.layers.quadra_conv_dw import QuadraConvDW
+from surgeon.io import export as export_module
+from surgeon.io.export import ExportError
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.train.compiling import graph_breaks
 
 ARCH = "test_efficientnet"  # timm's tiny EfficientNet: depthwise convs, SiLU, SE gates, BatchNormAct2d
 
@@ -119,7 +119,7 @@ def test_a_failed_check_writes_nothing(merged_dir, tmp_path, monkeypatch):
 def test_cli_export_records_the_check_for_the_model_card(merged_dir, tmp_path):
     import shutil
 
-    from surgeon.hub import _card
+    from surgeon.io.push import _card
 
     artifact = tmp_path / "merged"
     shutil.copytree(merged_dir, artifact)

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli import app
+from surgeon.cli.app import app
 from surgeon.errors import CheckpointError
 from tests.hub_server import LocalHub
 

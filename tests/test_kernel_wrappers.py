@@ -1,4 +1,4 @@
-"""The real CUDA kernel wrappers (``surgeon.cuda_kernels``) run against a fake CuPy that launches the same ``.cu``
+"""The real CUDA kernel wrappers (``surgeon.ops.kernels.cuda``) run against a fake CuPy that launches the same ``.cu``
 sources on the CPU: argument order and types, streams and the device guard, autograd routing, dtype guard,
 compile-failure fall-back and the first-use self-check. The harness itself is shown to catch wrong argument
 types and out-of-bounds accesses."""
@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from surgeon import cuda_kernels, kernel_ops
-from surgeon.layers import bitpack, derivative_codebook
-from surgeon.layers.activation_ops import ActivationSpec
-from surgeon.layers.derivative_codebook import codebook
-from surgeon.layers.quantized_activation import pack_codes, pack_mask
-from surgeon.layers.row_quantizer import quantize_rows
+from surgeon.methods.s2a.activation import pack_codes, pack_mask
+from surgeon.ops import bitpack, derivative_codebook
+from surgeon.ops.activations import ActivationSpec
+from surgeon.ops.derivative_codebook import codebook
+from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.kernels import library as kernel_ops
+from surgeon.ops.row_quantizer import quantize_rows
 from tests import fake_cupy
 from tests.test_kernels import merged_layer
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon import cuda_kernels
-from surgeon.layers import bitpack
-from surgeon.layers.derivative_codebook import codebook, encode
-from surgeon.layers.quadra_conv_dw import QuadraConvDW
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.layers.row_quantizer import quantize_rows
-from surgeon.resources import data_dir
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.ops import bitpack
+from surgeon.ops.derivative_codebook import codebook, encode
+from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.package_data import data_dir
+from surgeon.ops.row_quantizer import quantize_rows
 
 KERNELS = Path(str(data_dir("kernels")))
 HARNESS = Path(__file__).parent / "kernel_harness" / "harness.cpp"
@@ -214,8 +214,8 @@ NON_FINITE = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, 6.0, 
 
 @pytest.mark.parametrize("op,expected", [("relu", [1, 0, 0, 0, 1, 1, 0, 1]), ("relu6", [0, 0, 0, 0, 0, 1, 0, 0])])
 def test_mask_of_non_finite_inputs_is_the_same_on_both_routes(harness, op, expected):
-    from surgeon.layers.activation_ops import ActivationSpec
-    from surgeon.layers.quantized_activation import _mask_bounds, pack_mask
+    from surgeon.methods.s2a.activation import _mask_bounds, pack_mask
+    from surgeon.ops.activations import ActivationSpec
 
     spec = ActivationSpec(op, ())
     low, high = _mask_bounds(spec)
@@ -230,7 +230,7 @@ def test_mask_of_non_finite_inputs_is_the_same_on_both_routes(harness, op, expec
 
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_rows_with_non_finite_values_stay_finite_on_both_routes(harness, nonnegative):
-    from surgeon.layers.row_quantizer import dequantize_rows
+    from surgeon.ops.row_quantizer import dequantize_rows
 
     torch.manual_seed(0)
     rows = torch.rand(6, 16) if nonnegative else torch.randn(6, 16)

@@ -11,7 +11,8 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 import surgeon
-from surgeon.layers.memory_variants import (
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.methods.s2a.variants import (
     FrozenBatchNorm,
     InputFreeConv,
     QuantizedLayerNorm,
@@ -19,8 +20,7 @@ from surgeon.layers.memory_variants import (
     make_variant,
     revert_variant,
 )
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.memory import saved_for_backward
+from surgeon.train.memory import saved_for_backward
 
 
 def grads(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -170,7 +170,7 @@ def test_model_saved_memory_targets(name, size):
 @pytest.mark.parametrize("gate_first", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gated_multiply(gate_first, channels_last, seeded):
-    from surgeon.layers.gated_multiply import gated_multiply
+    from surgeon.methods.s2a.gate import gated_multiply
 
     x = torch.randn(4, 16, 12, 10) * 2
     if channels_last:

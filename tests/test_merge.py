@@ -14,11 +14,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli import app
+from surgeon.cli.app import app
 from surgeon.errors import SurgeonError
-from surgeon.layers.quadra_conv_dw import QuadraConvDW
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.layers.quantized_activation import QuantizedActivation
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.methods.s2a.activation import QuantizedActivation
 
 
 def train_adapters(model: nn.Module, std: float = 0.1) -> nn.Module:

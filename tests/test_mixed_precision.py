@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import surgeon
-from surgeon.layers.gated_multiply import _GatedMultiplyFn
-from surgeon.layers.memory_variants import _FrozenBatchNormFn, _InputFreeConvFn, _QuantizedLayerNormFn
-from surgeon.layers.quadratic_conv import _QuadraticDepthwiseFn
-from surgeon.layers.quantized_activation import _QuantizedActivationFn
-from surgeon.layers.quantized_attention import _QuantizedAttentionFn
-from surgeon.layers.quantized_matmul import _QuantizedMatmulFn
+from surgeon.methods.quadratic.layer import _QuadraticDepthwiseFn
+from surgeon.methods.s2a.activation import _QuantizedActivationFn
+from surgeon.methods.s2a.attention import _QuantizedAttentionFn
+from surgeon.methods.s2a.gate import _GatedMultiplyFn
+from surgeon.methods.s2a.matmul import _QuantizedMatmulFn
+from surgeon.methods.s2a.variants import _FrozenBatchNormFn, _InputFreeConvFn, _QuantizedLayerNormFn
 
 CUSTOM_FUNCTIONS = (_QuadraticDepthwiseFn, _InputFreeConvFn, _FrozenBatchNormFn, _QuantizedLayerNormFn,
                     _QuantizedActivationFn, _QuantizedAttentionFn, _GatedMultiplyFn, _QuantizedMatmulFn)
@@ -108,7 +108,7 @@ def test_autocast_step_through_every_custom_function(dtype):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_adapt_trains_under_amp_on_the_cpu(tmp_path, amp):
-    from surgeon.adapt import load_training_state
+    from surgeon.train.adapt import load_training_state
 
     model = converted_model()
     torch.manual_seed(0)
@@ -124,8 +124,8 @@ def test_adapt_trains_under_amp_on_the_cpu(tmp_path, amp):
 
 
 def test_devices_resolve_or_fail_in_one_line(monkeypatch):
-    from surgeon.devices import resolve_device
     from surgeon.errors import SurgeonError
+    from surgeon.train.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("CPU") == torch.device("cpu")
@@ -145,7 +145,7 @@ def test_cli_adapt_device_and_amp(tmp_path, monkeypatch):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from surgeon.cli import app
+    from surgeon.cli.app import app
 
     torch.manual_seed(0)
     base = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()

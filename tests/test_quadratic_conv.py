@@ -7,7 +7,7 @@ import torch
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from surgeon.layers.quadratic_conv import AtrousKernel, QuadraticDepthwiseConv2d, default_branches
+from surgeon.methods.quadratic.layer import AtrousKernel, QuadraticDepthwiseConv2d, default_branches
 
 CASES = [
     # kernel, stride, padding, dilation, same_dynamic

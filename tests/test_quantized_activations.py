@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers import bitpack
-from surgeon.layers.activation_ops import FUNCTION_KEY_OF, spec_from_module
-from surgeon.layers.quantized_activation import QuantizedActivation, quantized_call
-from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
+from surgeon.methods.s2a.activation import QuantizedActivation, quantized_call
+from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
+from surgeon.ops import bitpack
+from surgeon.ops.activations import FUNCTION_KEY_OF, spec_from_module
 
 MASK_MODULES = [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.ReLU6(inplace=True), nn.LeakyReLU(0.2),
                 nn.Hardtanh(-2.0, 3.0), nn.Hardsigmoid()]

@@ -22,7 +22,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import surgeon
-from surgeon.cli import app
+from surgeon.cli.app import app
 from surgeon.errors import RecipeError, SurgeonWarning
 from surgeon.recipe import parse_recipe
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import surgeon
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
 
 MODELS = [
     "convnext_atto", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_lite0", "mobilenetv2_100",

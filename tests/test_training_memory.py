@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers.activation_ops import ActivationSpec
-from surgeon.layers.gated_multiply import gated_multiply
-from surgeon.layers.memory_variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
-from surgeon.layers.quadratic_conv import QuadraticDepthwiseConv2d
-from surgeon.layers.quantized_activation import QuantizedActivation
-from surgeon.layers.quantized_attention import quantized_scaled_dot_product_attention
-from surgeon.layers.quantized_matmul import quantized_matmul
-from surgeon.memory import live_bytes, peak_memory
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.methods.s2a.activation import QuantizedActivation
+from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
+from surgeon.methods.s2a.gate import gated_multiply
+from surgeon.methods.s2a.matmul import quantized_matmul
+from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
+from surgeon.ops.activations import ActivationSpec
+from surgeon.train.memory import live_bytes, peak_memory
 
 IMAGE = (4, 64, 192, 192)  # 9.4 M elements, 38 MB in fp32
 
@@ -167,7 +167,7 @@ def test_retained_cpu_memory_stops_refaulting_large_tensors():
     """With freed memory kept, a step's large tensors reuse pages instead of faulting fresh ones in every time."""
     script = """
 import resource, torch
-from surgeon.cpu_memory import retain_freed_memory
+from surgeon.train.cpu_memory import retain_freed_memory
 if {retain}:
     assert retain_freed_memory()
 def touch():

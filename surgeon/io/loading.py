@@ -1,0 +1,135 @@
+"""Pretrained models that are not surgeon artifacts: a timm architecture name (weights from ``weights=`` or,
+online, timm's pretrained source), a timm-style Hub repo or directory (``config.json`` + weights), or a weights file
+together with ``arch=``. :func:`surgeon.io.artifacts.load_model` sends surgeon artifacts elsewhere first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.io.checkpoint import WEIGHT_SUFFIXES, fit_state_dict, read_state_dict
+from surgeon.io.hub import download_error, hub_cache, hub_endpoint, offline
+from surgeon.io.layout import CONFIG_NAME
+
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what is needed to rebuild it: timm architecture, constructor arguments, source."""
+
+    model: nn.Module
+    architecture: str | None
+    source: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "source": self.source, "model_args": self.model_args,
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
+
+
+def _create(architecture: str, pretrained: bool, **model_args: Any) -> nn.Module:
+    if not timm.is_model(architecture):
+        raise SurgeonError(f"unknown architecture {architecture!r}: not a timm model name "
+                           "(see `timm.list_models()`)")
+    try:
+        return timm.create_model(architecture, pretrained=pretrained, **model_args)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained:
+            raise CheckpointError(
+                f"could not get pretrained weights for {architecture} ({str(exc).splitlines()[0][:160]}); "
+                "pass --weights FILE, or check the network / HF_HUB_OFFLINE / HF_TOKEN") from exc
+        raise SurgeonError(f"cannot build {architecture}: {str(exc).splitlines()[0]}") from exc
+
+
+def _classifier_outputs(architecture: str, state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes a checkpoint was trained for, read from its classifier weight."""
+    cfg = timm.get_pretrained_cfg(architecture)
+    classifier = getattr(cfg, "classifier", None) if cfg is not None else None
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []
+    for name in names:
+        weight = state.get(f"{name}.weight")
+        if weight is not None and weight.dim() >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def from_weights_file(path: str | Path, architecture: str, strict: bool = True,
+                      model_args: dict[str, Any] | None = None) -> LoadedModel:
+    state = read_state_dict(path)
+    args = dict(model_args or {})
+    if "num_classes" not in args:
+        classes = _classifier_outputs(architecture, state)
+        if classes is not None:
+            args["num_classes"] = classes
+    model = _create(architecture, pretrained=False, **args)
+    fit_state_dict(model, state, str(path), strict=strict)
+    return LoadedModel(model.eval(), architecture, str(path), args)
+
+
+
+def find_weights(directory: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory}: no weights file ({', '.join(WEIGHT_NAMES)})")
+
+
+def from_directory(directory: Path, config: dict[str, Any], strict: bool = True) -> LoadedModel:
+    """A timm-style model directory: ``config.json`` naming the architecture, plus a weights file."""
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str):
+        raise CheckpointError(f"{directory / CONFIG_NAME}: no 'architecture' field")
+    args = dict(config.get("model_args") or {})
+    if "num_classes" in config:
+        args.setdefault("num_classes", config["num_classes"])
+    return from_weights_file(find_weights(directory), architecture, strict=strict, model_args=args)
+
+
+def hub_config(repo_id: str, revision: str | None = None, token: str | None = None) -> dict[str, Any]:
+    """A Hub repo's ``config.json`` (downloaded, or from the cache when offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        config_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=hub_endpoint(),
+                                      cache_dir=hub_cache(), local_files_only=offline())
+    except EntryNotFoundError as exc:
+        raise CheckpointError(f"hf-hub:{repo_id}: repository has no {CONFIG_NAME}") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise download_error(exc, f"hf-hub:{repo_id}") from exc
+    return json.loads(Path(config_file).read_text(encoding="utf-8"))
+
+
+def from_hub(repo_id: str, config: dict[str, Any]) -> LoadedModel:
+    """A timm model published on the Hub, built by timm with its weights."""
+    model = _create(f"hf-hub:{repo_id}", pretrained=True)
+    return LoadedModel(model.eval(), config.get("architecture"), f"hf-hub:{repo_id}", {})
+
+
+def from_name_or_file(spec: str, weights: str | None = None, arch: str | None = None, pretrained: bool = True,
+                      strict: bool = True, model_args: dict[str, Any] | None = None) -> LoadedModel:
+    """A weights file (with ``arch``) or a timm architecture name (with ``weights``, or timm's pretrained ones)."""
+    path = Path(spec)
+    if path.suffix in WEIGHT_SUFFIXES or os.sep in spec:
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointError(f"{spec}: no such file or directory")
+        if arch is None:
+            raise SurgeonError(f"{spec} is a weights file: say which architecture it is for with --arch NAME")
+        return from_weights_file(path, arch, strict=strict, model_args=model_args)
+    if weights is not None:
+        return from_weights_file(weights, spec, strict=strict, model_args=model_args)
+    model = _create(spec, pretrained=pretrained, **(model_args or {}))
+    return LoadedModel(model.eval(), spec, spec if not pretrained else f"timm:{spec}", dict(model_args or {}))
+
+

@@ -1,0 +1,78 @@
+"""Merged (inference) artifacts: the original architecture with dense quadratic layers in place.
+
+A merged checkpoint records each quadratic layer's geometry (and which BatchNorms were folded), so loading
+rebuilds it from the base architecture without tracing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.graph.merge import DTYPES, MergeInfo, apply_folds
+from surgeon.graph.rewrite import set_submodule
+from surgeon.io.checkpoint import fit_state_dict, read_state_dict
+from surgeon.io.layout import FORMAT_MERGED, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.ops.memory_format import apply_memory_format
+from surgeon.version import __version__
+
+
+def save_merged(model: nn.Module, directory: str | Path, force: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    info: MergeInfo | None = getattr(model, "surgeon_merge", None)
+    if info is None:
+        raise SurgeonError("not a merged model (use surgeon.merge first)")
+    config = timm_config(model, info.base.get("architecture"), info.base.get("model_args") or {})
+    config["surgeon"] = {
+        "format": FORMAT_MERGED, "version": __version__, "recipe": info.recipe,
+        "base_model": info.base.get("source"), "base_class": info.base.get("class"), "dtype": info.dtype,
+        "layers": list(info.layers.values()), "folded_batchnorm": info.folded,
+        "unfolded_batchnorm": info.unfolded,
+        "merge_verification": info.verification,
+    }
+    return write_artifact(model, directory, config, force=force, extra_files=extra_files)
+
+
+def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: nn.Module | None) -> nn.Module:
+    section = config["surgeon"]
+    base = model if model is not None else build_base(config, directory)
+    base.eval()
+    for entry in section.get("layers", []):
+        try:
+            layer = QuadraConvDW.from_geometry(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{directory / 'config.json'}: bad layer entry for {entry.get('path')!r}") from exc
+        for alias in entry.get("aliases") or [entry["path"]]:
+            try:
+                base.get_submodule(alias)
+            except AttributeError as exc:
+                raise CheckpointError(f"{directory}: layer path {alias!r} does not exist in "
+                                      f"{type(base).__name__}") from exc
+            set_submodule(base, alias, layer)
+    folded = section.get("folded_batchnorm") or {}
+    for bn_path in folded:
+        base.get_submodule(bn_path)
+    apply_folds(base, folded)
+    dtype = DTYPES.get(section.get("dtype", "fp32"), torch.float32)
+    base = base.to(dtype)
+    state = restore_aliases(base, read_state_dict(weights))
+    fit_state_dict(base, state, str(weights), strict=True)
+    for module in base.modules():
+        if isinstance(module, QuadraConvDW):
+            module.check_patterns()
+    base.requires_grad_(False)
+    apply_memory_format(base, section.get("memory_format"))
+    base.surgeon_merge = MergeInfo(base={"architecture": config.get("architecture"),
+                                         "source": section.get("base_model"), "class": section.get("base_class"),
+                                         "model_args": config.get("model_args") or {}},
+                                   recipe=section.get("recipe") or {}, layers={e["path"]: e for e in
+                                                                               section.get("layers", [])},
+                                   folded=dict(folded), unfolded=dict(section.get("unfolded_batchnorm") or {}),
+                                   verification=section.get("merge_verification") or {},
+                                   dtype=section.get("dtype", "fp32"))
+    return base.eval()

@@ -1,0 +1,252 @@
+"""Memory variants of frozen layers: same parameters, same state_dict keys, same forward, less kept for backward.
+
+A variant is the original class with a mixin in front (made once per class), so the module keeps every
+attribute and key, ``super().forward`` still defines the exact output, and :func:`revert_variant` restores the
+original class for inference checkpoints.
+
+* frozen ``Conv2d`` / timm ``Conv2dSame``: the input gradient needs only the weight, so the input is not kept;
+* ``BatchNorm2d`` / timm ``BatchNormAct2d``: frozen - always the running statistics (timm's
+  ``freeze_batch_norm_2d`` semantics), backward is a per-channel scale;
+* ``LayerNorm`` / timm ``LayerNorm2d``: the normalised input is kept at ``bits`` (8) with per-row scale.
+
+Whenever a layer's own weights require grad, the variant falls back to the original autograd path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.methods.quadratic.layer import same_pads
+from surgeon.ops.precision import grad_as
+from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+
+_VARIANTS: dict[tuple[type, type], type] = {}
+
+
+def make_variant(module: nn.Module, mixin: type) -> nn.Module:
+    """Turn ``module`` (in place) into ``mixin`` + its class; returns it."""
+    original = type(module)
+    key = (mixin, original)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = type(f"{mixin.__name__}{original.__name__}", (mixin, original),
+                              {"_surgeon_base_class": original, "__module__": mixin.__module__})
+    module.__class__ = _VARIANTS[key]
+    return module
+
+
+def revert_variant(module: nn.Module) -> nn.Module:
+    base = getattr(type(module), "_surgeon_base_class", None)
+    if base is not None:
+        module.__class__ = base
+    return module
+
+
+def is_variant(module: nn.Module) -> bool:
+    return getattr(type(module), "_surgeon_base_class", None) is not None
+
+
+def _needs_backward(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ convolution
+def conv_input_gradient(grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size, stride: Any,
+                        padding: Any, dilation: Any, groups: int) -> torch.Tensor:
+    """The input gradient of a conv as the transposed conv of its output gradient, in the gradient's memory
+    format. (``torch.nn.grad.conv2d_input`` passes an expanded stand-in input, which sends channels-last gradients
+    through NCHW copies: four input-sized allocations and 2-4x the time.)"""
+    stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                                 for v in (stride, padding, dilation))
+    output_padding = tuple(
+        input_shape[i + 2] - ((grad.shape[i + 2] - 1) * stride[i] - 2 * padding[i]
+                              + dilation[i] * (weight.shape[i + 2] - 1) + 1) for i in range(2))
+    return F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
+
+
+class _InputFreeConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
+                pads: tuple[int, int, int, int] | None) -> torch.Tensor:
+        ctx.conv, ctx.pads, ctx.input_shape = conv, pads, x.shape
+        ctx.padded_shape = x.shape if pads is None else (*x.shape[:2], x.shape[2] + pads[2] + pads[3],
+                                                          x.shape[3] + pads[0] + pads[1])
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(weight)
+        return conv._surgeon_base_class.forward(conv, x)  # under autocast as the original ran
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        weight = weight.to(grad.dtype)  # the forward ran in the autocast dtype, which the gradient carries
+        conv = ctx.conv
+        padding = (0, 0) if ctx.pads is not None else conv.padding
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv_input_gradient(grad, weight, ctx.padded_shape, conv.stride, padding, conv.dilation,
+                                         conv.groups)
+            if ctx.pads is not None:
+                grad_x = F.pad(grad_x, tuple(-p for p in ctx.pads))
+        grad_bias = grad.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_as(grad_x, ctx.dtypes[0]), None, grad_as(grad_bias, ctx.dtypes[1]), None, None
+
+
+class InputFreeConv:
+    """Mixin for a frozen conv: keeps nothing of its input for backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv: Any = self
+        if conv.weight.requires_grad or not (_needs_backward(x) or (conv.bias is not None and
+                                                                   conv.bias.requires_grad)):
+            return super().forward(x)  # type: ignore[misc]
+        if isinstance(conv.padding, str) and conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):
+            return super().forward(x)  # type: ignore[misc]  # asymmetric implicit padding: keep torch's path
+        pads = None
+        if getattr(conv, "_surgeon_same_dynamic", False):
+            pads = same_pads(tuple(x.shape[-2:]), tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
+        return _InputFreeConvFn.apply(x, conv.weight, conv.bias, conv, pads)
+
+
+# ------------------------------------------------------------------------------------------ batch norm
+class _FrozenBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        ctx.save_for_backward(scale.detach())
+        ctx.input_dtype = x.dtype
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        (scale,) = ctx.saved_tensors
+        return grad_as(grad * scale.view(1, -1, 1, 1).to(grad.dtype), ctx.input_dtype), None
+
+
+def frozen_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode batch norm whatever the module's mode; affine-only backward unless its params train."""
+    affine_trains = any(p is not None and p.requires_grad for p in (bn.weight, bn.bias))
+    if affine_trains or not _needs_backward(x):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return _FrozenBatchNormFn.apply(x, bn)
+
+
+class FrozenBatchNorm:
+    """Mixin for ``BatchNorm2d`` (and timm's ``BatchNormAct2d``, whose drop/act still run normally)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn: Any = self
+        y = frozen_batch_norm(bn, x)
+        if hasattr(bn, "act") and hasattr(bn, "drop"):
+            y = bn.act(bn.drop(y))
+        return y
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+class _QuantizedLayerNormFn(torch.autograd.Function):
+    """Keeps the normalised input at ``bits`` and the per-row ``rstd``; backward is ATen's fused layer-norm
+    backward run on the dequantized normalised rows (mean 0, rstd 1), scaled by the true ``rstd`` afterwards, so
+    no chain of full-size temporaries is formed."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module,
+                channel_dim: int, bits: int) -> torch.Tensor:
+        y = norm._surgeon_base_class.forward(norm, x)
+        moved = x.movedim(channel_dim, -1).float()
+        width = moved.shape[-1]
+        normalized, _, rstd = torch.native_layer_norm(moved, [width], None, None, norm.eps)
+        quantized = quantize_rows(normalized.reshape(-1, width), bits)
+        del normalized
+        ctx.meta = (moved.shape, channel_dim, bits, quantized.rows, quantized.width, x.dtype)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.param_dtype = next((t.dtype for t in (weight, bias) if t is not None), None)
+        ctx.save_for_backward(*quantized.tensors(), rstd.reshape(-1, 1), *(t for t in (weight,) if t is not None))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        shape, channel_dim, bits, rows, width, dtype = ctx.meta
+        packed, offset, step, rstd, *rest = ctx.saved_tensors
+        normalized = dequantize_rows(packed, offset, step, rows, width, bits, torch.float32)
+        g = grad.movedim(channel_dim, -1).reshape(-1, width).float()
+        weight = rest[0].float() if ctx.has_weight else None
+        need_w = ctx.has_weight and ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            g, normalized, [width], rstd.new_zeros(rows, 1), rstd.new_ones(rows, 1), weight,
+            weight.new_zeros(width) if weight is not None else None, [ctx.needs_input_grad[0], need_w, need_b])
+        del normalized
+        if grad_x is not None:
+            grad_x = grad_x.mul_(rstd).reshape(shape).movedim(-1, channel_dim).to(dtype)
+        return grad_x, grad_as(grad_w, ctx.param_dtype), grad_as(grad_b, ctx.param_dtype), None, None, None
+
+
+class QuantizedLayerNorm:
+    """Mixin for ``LayerNorm`` over the last dim or timm's ``LayerNorm2d`` over channels."""
+
+    _surgeon_channel_dim = -1
+    _surgeon_bits = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm: Any = self
+        if not _needs_backward(x) and not any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
+            return super().forward(x)  # type: ignore[misc]
+        return _QuantizedLayerNormFn.apply(x, norm.weight, norm.bias, norm, norm._surgeon_channel_dim,
+                                           norm._surgeon_bits)
+
+
+def layer_norm_channel_dim(module: nn.Module) -> int | None:
+    """Which dim a supported LayerNorm normalises (None: unsupported form)."""
+    try:
+        from timm.layers.norm import LayerNorm as TimmLayerNorm
+        from timm.layers.norm import LayerNorm2d
+    except ImportError:  # pragma: no cover
+        TimmLayerNorm = LayerNorm2d = None
+    if len(getattr(module, "normalized_shape", ())) != 1:
+        return None
+    if LayerNorm2d is not None and type(module) is LayerNorm2d:
+        return 1
+    if type(module) is nn.LayerNorm or (TimmLayerNorm is not None and type(module) is TimmLayerNorm):
+        return -1
+    return None
+
+
+# ------------------------------------------------------------------------------------------ linear adapter
+class LinearDeltaConv:
+    """Mixin for a depthwise conv with a zero-initialised trainable kernel delta: ``conv(x, W + ΔW) + b``.
+
+    Exact at init (``W + 0 == W``) and exactly mergeable (``W += ΔW``). The delta is the parameter
+    ``weight_delta`` beside the frozen ``weight``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv: Any = self
+        weight = conv.weight + conv.weight_delta
+        if getattr(conv, "_surgeon_same_dynamic", False):
+            pads = same_pads(tuple(x.shape[-2:]), tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
+            return F.conv2d(F.pad(x, pads), weight, conv.bias, conv.stride, (0, 0), conv.dilation, conv.groups)
+        return conv._conv_forward(x, weight, conv.bias)
+
+
+def add_linear_delta(conv: nn.Conv2d, same_dynamic: bool) -> nn.Module:
+    variant = make_variant(conv, LinearDeltaConv)
+    variant._surgeon_same_dynamic = same_dynamic
+    variant.register_parameter("weight_delta", nn.Parameter(torch.zeros_like(conv.weight)))
+    return variant
+
+
+def fold_linear_delta(conv: nn.Module) -> nn.Module:
+    """``W += ΔW``, drop the delta, back to the original class."""
+    with torch.no_grad():
+        conv.weight.add_(conv.weight_delta)
+    del conv.weight_delta
+    return revert_variant(conv)

@@ -1,0 +1,332 @@
+"""Launching the CUDA kernels in ``kernels/``: compiled at run time by NVRTC through CuPy's ``RawModule``.
+
+Used when a tensor is on a CUDA device and CuPy is installed; otherwise, and whenever a kernel cannot be trusted,
+the torch route runs (it is also the reference). Every entry returns ``None`` to mean "use the torch route", so a
+kernel can never be the only way to a result:
+
+* dtype guard: only fp32 / fp16 / bf16 storage goes to a kernel;
+* autograd: a call whose output needs a gradient takes the torch route (the kernels are forward-only);
+* device guard: every launch runs under ``torch.cuda.device(x.device)`` on that device's current torch stream,
+  and tensors are handed to CuPy inside that stream;
+* a compile failure is one warning naming the cause, remembered; the torch route runs from then on;
+* first-use self-check: the first call of each (kernel, device) is compared with the torch route on that call's
+  input; a mismatch beyond the dtype's tolerance disables that kernel on that device, with one warning.
+
+Compiled functions and weights cast to the input's dtype are cached here, codebooks on the device by
+:mod:`surgeon.ops.kernels.library`, so a steady-state call does no compile, lookup, cast or host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from surgeon.ops.package_data import data_dir
+from surgeon.ops.row_quantizer import is_channels_last
+
+KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
+MAX_RANK = 8
+MAX_SPAN = 31
+BLOCK = 256
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# self-check tolerance, relative to the largest reference value: the kernels accumulate in fp32
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+class KernelWarning(UserWarning):
+    """A CUDA kernel is not used (it failed to compile, or disagreed with the torch route)."""
+
+
+def kernel_source(name: str) -> str:
+    """A kernel file with ``common.cuh`` inlined (NVRTC then needs no include path for it)."""
+    folder = data_dir("kernels")
+    text = folder.joinpath(name).read_text(encoding="utf-8")
+    common = folder.joinpath("common.cuh").read_text(encoding="utf-8").replace("#pragma once", "")
+    return re.sub(r'#include "common\.cuh"', lambda _: common, text)
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """The kernels include no CUDA header (``common.cuh`` has its own 16-bit types), so no include path is
+    passed and the toolkit's headers can never disagree with CuPy's NVRTC."""
+    return ("-std=c++17",)
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """CuPy importable and a CUDA device visible."""
+    if os.environ.get("SURGEON_DISABLE_CUDA_KERNELS"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor`` should try the kernels: it is on a CUDA device and they can run."""
+    return tensor.is_cuda and available()
+
+
+# ------------------------------------------------------------------------------------------ state
+class _Registry:
+    """What was compiled, what failed and what passed or failed its self-check, for this process."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, Any] = {}
+        self.functions: dict[tuple[str, str], Any] = {}
+        self.compile_errors: dict[str, str] = {}
+        self.checked: set[tuple[str, str]] = set()  # (kernel, device)
+        self.disabled: dict[tuple[str, str], str] = {}  # (kernel, device) -> why
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+REGISTRY = _Registry()
+
+
+def _module(name: str) -> Any | None:
+    """The compiled module, or None (with one warning, once) when it does not compile here."""
+    if name in REGISTRY.modules:
+        return REGISTRY.modules[name]
+    if name in REGISTRY.compile_errors:
+        return None
+    try:
+        import cupy
+
+        module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
+        module.compile()
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        REGISTRY.compile_errors[name] = cause
+        warnings.warn(f"surgeon: the CUDA kernels in {name} did not compile ({cause}); the torch route runs "
+                      "instead", KernelWarning, stacklevel=3)
+        return None
+    REGISTRY.modules[name] = module
+    return module
+
+
+def _function(module_name: str, entry: str) -> Any | None:
+    key = (module_name, entry)
+    if key not in REGISTRY.functions:
+        module = _module(module_name)
+        if module is None:
+            return None
+        REGISTRY.functions[key] = module.get_function(entry)
+    return REGISTRY.functions[key]
+
+
+@contextmanager
+def device_guard(device: torch.device) -> Iterator[int]:
+    """Current device = ``device`` while launching; yields the raw handle of its current torch stream."""
+    with torch.cuda.device(device):
+        yield torch.cuda.current_stream(device).cuda_stream
+
+
+def _launch(module_name: str, entry: str, grid: int, device: torch.device,
+            arguments: Callable[[Any], tuple[Any, ...]]) -> bool:
+    """Launch ``entry`` on ``device``'s current stream; ``arguments(cupy)`` builds the argument tuple inside the
+    stream (so DLPack exports synchronise with the right stream). False: not launched (torch route)."""
+    function = _function(module_name, entry)
+    if function is None:
+        return False
+    import cupy
+
+    with device_guard(device) as stream, cupy.cuda.ExternalStream(stream):
+        function((grid,), (BLOCK,), arguments(cupy))
+    return True
+
+
+def _flat(cupy: Any, tensor: torch.Tensor) -> Any:
+    """A flat CuPy view of a tensor's storage in memory order (NHWC for channels-last)."""
+    tensor = tensor.detach()
+    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.permute(0, 2, 3, 1).reshape(-1)
+    return cupy.from_dlpack(flat)
+
+
+def _checked(entry: str, device: torch.device, kernel: torch.Tensor, reference: Callable[[], torch.Tensor],
+             tolerance: float | None) -> torch.Tensor:
+    """On a (kernel, device)'s first use: compare with the torch route; a mismatch disables the kernel there."""
+    key = (entry, str(device))
+    if key in REGISTRY.checked:
+        return kernel
+    want = reference()
+    if tolerance is None:
+        agrees, detail = torch.equal(kernel, want), "codes differ"
+    else:
+        diff = (kernel.float() - want.float()).abs().max().item() if want.numel() else 0.0
+        scale = max(1.0, want.float().abs().max().item()) if want.numel() else 1.0
+        agrees = diff <= tolerance * scale and bool(torch.isfinite(kernel).all() == torch.isfinite(want).all())
+        detail = f"max |Δ| {diff:.3g} against {tolerance:g} x {scale:.3g}"
+    if agrees:
+        REGISTRY.checked.add(key)
+        return kernel
+    REGISTRY.disabled[key] = detail
+    warnings.warn(f"surgeon: CUDA kernel {entry} disagrees with the torch route on {device} ({detail}); it is "
+                  "disabled there and the torch route runs", KernelWarning, stacklevel=3)
+    return want
+
+
+def _enabled(entry: str, device: torch.device) -> bool:
+    return (entry, str(device)) not in REGISTRY.disabled
+
+
+# ------------------------------------------------------------------------------------------ quadratic conv
+@dataclass(frozen=True)
+class QuadconvLaunch:
+    kernel: str
+    grid: int
+    block: int
+    ints: tuple[int, ...]
+    output_shape: tuple[int, int, int, int]
+    channels_last: bool
+
+
+def quadconv_launch(x: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                    span: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int], rank: int,
+                    has_bias: bool, channels_last: bool | None = None) -> QuadconvLaunch | None:
+    """Kernel name and integer arguments for input ``x`` (None: a case the kernel does not cover)."""
+    if x.dtype not in _DTYPE_SUFFIX or x.dim() != 4 or rank > MAX_RANK or max(span) > MAX_SPAN:
+        return None
+    if channels_last is None:
+        channels_last = is_channels_last(x)
+    n, c, h, w = x.shape
+    left, right, top, bottom = pads
+    ho = (h + top + bottom - span[0]) // stride[0] + 1
+    wo = (w + left + right - span[1]) // stride[1] + 1
+    total = n * c * ho * wo
+    grid = max(1, min((total + BLOCK - 1) // BLOCK, 65535 * 8))
+    ints = (n, c, h, w, ho, wo, *kernel_size, *dilation, *span, *stride, top, left, rank, int(has_bias))
+    name = f"quadconv_fwd_{_DTYPE_SUFFIX[x.dtype]}_{'nhwc' if channels_last else 'nchw'}"
+    return QuadconvLaunch(name, grid, BLOCK, ints, (n, c, ho, wo), channels_last)
+
+
+def quadconv_arguments(layer: Any, x: torch.Tensor, channels_last: bool | None = None) -> QuadconvLaunch | None:
+    """:func:`quadconv_launch` for a :class:`QuadraConvDW` on input ``x``."""
+    return quadconv_launch(x, tuple(layer.kernel_size), tuple(layer.dilation), tuple(layer.span),
+                           tuple(layer.stride), tuple(layer.pads(x)), layer.rank, layer.P.conv3.bias is not None,
+                           channels_last)
+
+
+def output_tensor(launch: QuadconvLaunch, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if launch.channels_last else torch.contiguous_format
+    return torch.empty(launch.output_shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def layer_weights(layer: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """(conv3 weight, bias or None, conv1 weight, conv2 weight) in ``dtype`` on ``device``, contiguous, cached on
+    the layer until a weight changes (tracked by the tensors' version counters)."""
+    params = [layer.P.conv3.weight, layer.P.conv3.bias, layer.P.conv1.weight, layer.P.conv2.weight]
+    stamp = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+    cache: dict[Any, Any] = layer.__dict__.setdefault("_kernel_weights", {})
+    key = (dtype, str(device))
+    if key not in cache or cache[key][0] != stamp:
+        cache[key] = (stamp, tuple(p.detach().to(device=device, dtype=dtype).contiguous() if p is not None
+                                   else None for p in params))
+    return cache[key][1]
+
+
+def fused_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+                    stride: tuple[int, ...], pads: tuple[int, ...], dilation: tuple[int, ...], rank: int,
+                    reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """The fused quadratic depthwise forward on the GPU; None when the torch route must run instead. Weights
+    must already have ``x``'s dtype (:func:`layer_weights` keeps such copies)."""
+    import numpy as np
+
+    if any(t.dtype != x.dtype for t in (w3, w1, w2) + ((b3,) if b3 is not None else ())):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w3, b3, w1, w2)):
+        return None  # forward-only kernel: autograd goes through the torch route
+    kernel_size, span = tuple(w3.shape[-2:]), tuple(w1.shape[-2:])
+    launch = quadconv_launch(x, kernel_size, dilation, span, stride, pads, rank, b3 is not None)  # type: ignore[arg-type]
+    if launch is None or not _enabled(launch.kernel, x.device):
+        return None
+    x = x.contiguous(memory_format=torch.channels_last if launch.channels_last else torch.contiguous_format)
+    weights = tuple(t.contiguous() for t in (w3, b3 if b3 is not None else w3, w1, w2))
+    y = output_tensor(launch, x)
+
+    def arguments(cupy: Any) -> tuple[Any, ...]:
+        return (*(_flat(cupy, t) for t in (x, *weights)), _flat(cupy, y), *(np.int32(v) for v in launch.ints))
+
+    if not _launch("quadratic_dwconv.cu", launch.kernel, launch.grid, x.device, arguments):
+        return None
+    return _checked(launch.kernel, x.device, y, reference, SELF_CHECK_TOLERANCE[x.dtype])
+
+
+# ------------------------------------------------------------------------------------------ quantize + pack
+def _pack_input(x: torch.Tensor) -> torch.Tensor | None:
+    return x.detach().contiguous().view(-1) if x.dtype in _DTYPE_SUFFIX else None
+
+
+def _packed_output(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    from surgeon.ops.bitpack import packed_numel
+
+    return torch.empty(packed_numel(flat.numel(), bits), dtype=torch.uint8, device=flat.device)
+
+
+def mask_pack(x: torch.Tensor, low: float, high: float, reference: Callable[[], torch.Tensor]
+              ) -> torch.Tensor | None:
+    """1-bit mask ``low < x < high`` of a CUDA tensor, packed in one kernel (layout of ``bitpack.pack``)."""
+    import numpy as np
+
+    flat = _pack_input(x)
+    entry = f"mask_pack_{_DTYPE_SUFFIX.get(x.dtype)}"
+    if flat is None or not _enabled(entry, x.device):
+        return None
+    out = _packed_output(flat, 1)
+    if not _launch("bitpack.cu", entry, _pack_grid(out), x.device, lambda cupy: (
+            _flat(cupy, flat), np.float32(low), np.float32(high), _flat(cupy, out), np.int64(flat.numel()))):
+        return None
+    return _checked(entry, x.device, out, reference, None)
+
+
+def codebook_pack(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: int,
+                  reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Derivative-interval codes of a CUDA tensor (grid ``low + k * step``, cell k -> ``cell_codes[k]``), packed
+    in one kernel."""
+    import numpy as np
+
+    flat = _pack_input(x)
+    entry = f"codebook_pack_{_DTYPE_SUFFIX.get(x.dtype)}"
+    if flat is None or not _enabled(entry, x.device):
+        return None
+    out = _packed_output(flat, bits)
+    cells = cell_codes.to(x.device).contiguous()  # a no-op once the caller keeps it on the device
+    if not _launch("bitpack.cu", entry, _pack_grid(out), x.device, lambda cupy: (
+            _flat(cupy, flat), np.float32(low), np.float32(step), _flat(cupy, cells),
+            np.int32(cells.numel()), _flat(cupy, out), np.int64(flat.numel()), np.int32(bits))):
+        return None
+    return _checked(entry, x.device, out, reference, None)
+
+
+def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int,
+              reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Per-row affine codes of a CUDA matrix, packed in one kernel (offset None: rows start at 0)."""
+    import numpy as np
+
+    flat = _pack_input(rows)
+    entry = f"rows_pack_{_DTYPE_SUFFIX.get(rows.dtype)}"
+    if flat is None or not _enabled(entry, rows.device):
+        return None
+    out = _packed_output(flat, bits)
+    low = offset.detach().float().contiguous() if offset is not None else None
+    scale = step.detach().float().contiguous()
+    if not _launch("bitpack.cu", entry, _pack_grid(out), rows.device, lambda cupy: (
+            _flat(cupy, flat), _flat(cupy, low) if low is not None else np.uint64(0), _flat(cupy, scale),
+            np.int64(rows.shape[1]), _flat(cupy, out), np.int64(flat.numel()), np.int32(bits))):
+        return None
+    return _checked(entry, rows.device, out, reference, None)
+
+
+def _pack_grid(out: torch.Tensor) -> int:
+    return max(1, min((out.numel() + BLOCK - 1) // BLOCK, 65535 * 8))

@@ -1,0 +1,144 @@
+"""surgeon's fused operations as ``torch.library`` custom ops: ``torch.ops.surgeon.*``.
+
+Each op has one implementation for every device: the CUDA kernel when it can run (see :mod:`surgeon.ops.kernels.cuda`,
+which falls back by itself), else the torch route, which is also the reference. A fake (meta) implementation gives
+output shapes without computing, so ``torch.compile`` and ``torch.export`` see each op as one node instead of an
+opaque CuPy call. The ops are forward-only: callers route any computation that needs a gradient through plain
+torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from surgeon.ops import bitpack
+from surgeon.ops.derivative_codebook import grid_cells
+from surgeon.ops.kernels import cuda as cuda_kernels
+
+
+def _packed_like(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.new_empty(bitpack.packed_numel(x.numel(), bits), dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------ ReLU-family masks
+@torch.library.custom_op("surgeon::mask_pack", mutates_args=())
+def mask_pack(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Bit-packed ``low < x < high`` (``high = inf``: no upper bound), NaN -> 0."""
+
+    def in_interval(t: torch.Tensor) -> torch.Tensor:
+        return t > low if high == float("inf") else (t > low).logical_and_(t < high)
+
+    def torch_route() -> torch.Tensor:
+        return bitpack.pack_by_chunks(x, 1, in_interval)
+
+    packed = cuda_kernels.mask_pack(x, low, high, torch_route) if cuda_kernels.usable(x) else None
+    return packed if packed is not None else torch_route()
+
+
+@mask_pack.register_fake
+def _(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return _packed_like(x, 1)
+
+
+# ------------------------------------------------------------------------------------------ derivative codes
+@torch.library.custom_op("surgeon::codebook_pack", mutates_args=())
+def codebook_pack(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: int) -> torch.Tensor:
+    """Bit-packed derivative-interval codes: cell of the nearest grid point ``low + k * step`` -> its code."""
+
+    cells = cell_codes.to(x.device)
+
+    def torch_route() -> torch.Tensor:
+        return bitpack.pack_by_chunks(x, bits, lambda t: cells.index_select(0, grid_cells(t, low, step, cells.numel())))
+
+    packed = None
+    if cuda_kernels.usable(x):
+        packed = cuda_kernels.codebook_pack(x, cell_codes, low, step, bits, torch_route)
+    return packed if packed is not None else torch_route()
+
+
+@codebook_pack.register_fake
+def _(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: int) -> torch.Tensor:
+    return _packed_like(x, bits)
+
+
+# ------------------------------------------------------------------------------------------ per-row codes
+@torch.library.custom_op("surgeon::rows_pack", mutates_args=())
+def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-packed ``round((row - offset) / step)`` clamped to ``[0, 2**bits - 1]`` per row (offset None: 0);
+    +inf takes the top code, -inf and NaN code 0."""
+
+    def codes(first: int, last: int) -> torch.Tensor:
+        values = rows[first:last].float()
+        # one fp32 temporary, updated in place (a division, not a multiply by 1/step: the kernel divides too)
+        shifted = values.sub(offset[first:last]) if offset is not None else values.div(step[first:last])
+        if offset is not None:
+            shifted.div_(step[first:last])
+        return shifted.round_().clamp_(0, 2**bits - 1).nan_to_num_(0.0).to(torch.uint8)  # NaN -> code 0
+
+    def torch_route() -> torch.Tensor:
+        count, width = rows.shape
+        # whole rows per chunk, a multiple of 8 of them so every chunk starts on a byte
+        per_chunk = count if torch.compiler.is_compiling() else max(8, bitpack.CHUNK_ELEMENTS // max(width, 1) // 8 * 8)
+        if per_chunk >= count:
+            return bitpack.pack(codes(0, count), bits)
+        per_byte = 8 // bits
+        out = rows.new_empty(bitpack.packed_numel(rows.numel(), bits), dtype=torch.uint8)
+        for first in range(0, count, per_chunk):
+            last = min(first + per_chunk, count)
+            chunk = codes(first, last)
+            out[first * width // per_byte:(last * width + per_byte - 1) // per_byte] = (
+                chunk.view(-1) if bits == 8 else bitpack.pack(chunk, bits))  # 8-bit codes are their own packing
+        return out
+
+    packed = cuda_kernels.rows_pack(rows, offset, step, bits, torch_route) if cuda_kernels.usable(rows) else None
+    return packed if packed is not None else torch_route()
+
+
+@rows_pack.register_fake
+def _(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
+    return _packed_like(rows, bits)
+
+
+# ------------------------------------------------------------------------------------------ quadratic conv
+@torch.library.custom_op("surgeon::quadratic_dwconv", mutates_args=())
+def quadratic_dwconv(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor,
+                     w2: torch.Tensor, stride: list[int], pads: list[int], dilation: list[int],
+                     rank: int) -> torch.Tensor:
+    """``conv3(x) + b + sum_r conv1(x) * conv2(x)`` over dense QuadraLib kernels (``pads``: left, right, top,
+    bottom of the span window), fused on the GPU."""
+
+    def torch_route() -> torch.Tensor:
+        return dense_quadratic(x, w3, b3, w1, w2, stride, pads, dilation, rank)
+
+    fused = None
+    if cuda_kernels.usable(x):
+        fused = cuda_kernels.fused_quadratic(x, w3, b3, w1, w2, tuple(stride), tuple(pads), tuple(dilation), rank,
+                                             torch_route)
+    return fused if fused is not None else torch_route()
+
+
+@quadratic_dwconv.register_fake
+def _(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+      stride: list[int], pads: list[int], dilation: list[int], rank: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    span_h, span_w = w1.shape[-2:]
+    out_h = (h + pads[2] + pads[3] - span_h) // stride[0] + 1
+    out_w = (w + pads[0] + pads[1] - span_w) // stride[1] + 1
+    memory_format = torch.channels_last if cuda_kernels.is_channels_last(x) else torch.contiguous_format
+    return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
+
+
+def dense_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+                    stride: list[int], pads: list[int], dilation: list[int], rank: int) -> torch.Tensor:
+    """The torch route: QuadraLib's three dense convs on the padded input."""
+    channels = x.shape[1]
+    padded = F.pad(x, tuple(pads))
+    primary = F.conv2d(padded, w3, b3, tuple(stride), 0, tuple(dilation), channels)
+    a = F.conv2d(padded, w1, None, tuple(stride), 0, 1, channels)
+    b = F.conv2d(padded, w2, None, tuple(stride), 0, 1, channels)
+    product = a * b
+    if rank > 1:
+        n, _, h, w = product.shape
+        product = product.view(n, channels, rank, h, w).sum(dim=2)
+    return primary + product
