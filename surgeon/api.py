@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError, SurgeonWarning
+from surgeon.graph.decisions import decide
+from surgeon.graph.discovery import Analysis, discover
 from surgeon.graph.plan import Plan
 from surgeon.graph.probe import default_input, model_name
 from surgeon.graph.rewrite import ConversionInfo, apply_decisions, deep_copy, set_trainable
-from surgeon.graph.sites import Analysis, decide, discover
+from surgeon.methods.registry import get_method
 from surgeon.recipe import Recipe, load_recipe
 
 RecipeLike = str | Path | Recipe | dict[str, Any]
@@ -37,9 +39,13 @@ def _analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
 
 def nothing_trainable(analysis: Analysis, recipe: Recipe) -> str | None:
     """Why a conversion would leave no parameter to train (None when something will train)."""
-    if recipe.trainable or any(s.action == "swap" and s.target == "depthwise_conv" for s in analysis.sites):
+    def adds_parameters(rule_index: int | None) -> bool:
+        rule = recipe.rules[rule_index] if rule_index is not None else None
+        return rule is not None and get_method(rule.target, rule.layer).adds_parameters
+
+    if recipe.trainable or any(s.action == "swap" and adds_parameters(s.rule) for s in analysis.sites):
         return None
-    if not any(rule.target == "depthwise_conv" for rule in recipe.rules):
+    if not any(adds_parameters(index) for index in range(len(recipe.rules))):
         why = f"recipe '{recipe.name}' has no depthwise_conv rule and no 'trainable' parameters"
     else:
         depthwise = [s for s in analysis.sites if s.target == "depthwise_conv"]

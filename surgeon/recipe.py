@@ -1,8 +1,9 @@
 """Recipes: TOML files that say which sites to replace and with what.
 
 A recipe is a name, a description, optional extra trainable-parameter globs, and a list of rules. Each rule
-has a ``target`` (the site family), a ``layer`` (the replacement family), module-path ``include``/``exclude``
-patterns (shell globs, or regular expressions written ``re:<pattern>``) and the layer's options. Every field is
+has a ``target`` (the site family), a ``layer`` (the registered method for it, :mod:`surgeon.methods.registry`),
+module-path ``include``/``exclude`` patterns (shell globs, or regular expressions written ``re:<pattern>``) and the
+method's options, checked against the method's own option table. Every field is
 validated; a problem is a :class:`RecipeError` naming the field.
 """
 
@@ -11,48 +12,14 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgeon.errors import RecipeError
-from surgeon.ops.activations import DERIVATIVE_OPS, MASK_OPS, OUTPUT_OPS
-from surgeon.ops.bitpack import SUPPORTED_BITS
+from surgeon.methods.base import SITE_TARGETS, Check
+from surgeon.methods.registry import get_method, layers_for
 from surgeon.ops.package_data import data_dir
-
-RECIPE_OPS = MASK_OPS + DERIVATIVE_OPS + OUTPUT_OPS
-TARGET_LAYERS = {"depthwise_conv": ("quadratic", "linear"), "activation": ("quantized",), "conv": ("input_free",),
-                 "norm": ("frozen",), "gate": ("quantized",), "matmul": ("quantized",)}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(value: Any) -> str | None:
-    return None if _is_int(value) and value >= 1 else "expected an integer >= 1"
-
-
-def _optional_positive_int(value: Any) -> str | None:
-    return None if value is None else _positive_int(value)
-
-
-def _bits(value: Any) -> str | None:
-    return None if _is_int(value) and value in SUPPORTED_BITS else f"expected one of {list(SUPPORTED_BITS)}"
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "expected true or false"
-
-
-def _positive_float(value: Any) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    return None if ok else "expected a number > 0"
-
-
-def _optional_positive_float(value: Any) -> str | None:
-    return None if value is None else _positive_float(value)
 
 
 def _patterns(value: Any) -> str | None:
@@ -67,65 +34,10 @@ def _patterns(value: Any) -> str | None:
     return None
 
 
-def _ops(value: Any) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"expected a non-empty list of ops from {list(RECIPE_OPS)}"
-    unknown = [v for v in value if v not in RECIPE_OPS]
-    return f"unknown op(s) {unknown}; known: {list(RECIPE_OPS)}" if unknown else None
-
-
-def _saved_bits(value: Any) -> str | None:
-    return None if _is_int(value) and value in (8, 32) else "expected 8 or 32"
-
-
-def _group_size(value: Any) -> str | None:
-    return None if _is_int(value) and value >= 8 else "expected an integer >= 8"
-
-
-Check = Callable[[Any], "str | None"]
-
-# field -> (default, check). A default of ... means required.
+# fields every rule has, whatever its method: field -> (default, check)
 _COMMON: dict[str, tuple[Any, Check]] = {
     "include": ([], _patterns),
     "exclude": ([], _patterns),
-}
-_LAYER_FIELDS: dict[tuple[str, str], dict[str, tuple[Any, Check]]] = {
-    ("depthwise_conv", "quadratic"): {
-        "rank": (1, _positive_int),
-        "a_kernel": (None, _optional_positive_int),
-        "a_dilation": (None, _optional_positive_int),
-        "b_kernel": (None, _optional_positive_int),
-        "b_dilation": (None, _optional_positive_int),
-        "b_init_std": (None, _optional_positive_float),
-        "train_bias": (False, _bool),
-        "keep_branches": (False, _bool),
-        "min_kernel": (2, _positive_int),
-        "saved_input_bits": (32, _saved_bits),
-    },
-    ("depthwise_conv", "linear"): {
-        "min_kernel": (2, _positive_int),
-    },
-    ("conv", "input_free"): {},
-    ("gate", "quantized"): {
-        "bits": (8, _bits),
-    },
-    ("matmul", "quantized"): {
-        "bits": (8, _bits),
-        "probability_bits": (4, _bits),
-    },
-    ("norm", "frozen"): {
-        "batchnorm": (True, _bool),
-        "layernorm": (True, _bool),
-        "layernorm_bits": (8, _bits),
-    },
-    ("activation", "quantized"): {
-        "ops": (list(RECIPE_OPS), _ops),
-        "bits": (4, _bits),
-        "output_bits": (4, _bits),
-        "group_size": (128, _group_size),
-        "attention": (True, _bool),
-        "attention_input_bits": (32, _saved_bits),
-    },
 }
 
 
@@ -200,12 +112,13 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         if not isinstance(raw, dict):
             raise fail(where, "expected a table")
         target = raw.get("target")
-        if not isinstance(target, str) or target not in TARGET_LAYERS:
-            raise fail(f"{where}.target", f"expected one of {list(TARGET_LAYERS)}, got {target!r}")
-        layer = raw.get("layer", TARGET_LAYERS[target][0])
-        if not isinstance(layer, str) or layer not in TARGET_LAYERS[target]:
-            raise fail(f"{where}.layer", f"expected one of {list(TARGET_LAYERS[target])} for target {target!r}")
-        fields = {**_COMMON, **_LAYER_FIELDS[(target, layer)]}
+        if not isinstance(target, str) or target not in SITE_TARGETS or not layers_for(target):
+            raise fail(f"{where}.target", f"expected one of {list(SITE_TARGETS)}, got {target!r}")
+        layers = layers_for(target)
+        layer = raw.get("layer", layers[0])
+        if not isinstance(layer, str) or layer not in layers:
+            raise fail(f"{where}.layer", f"expected one of {layers} for target {target!r}")
+        fields = {**_COMMON, **get_method(target, layer).options}
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if key in ("target", "layer"):

@@ -12,14 +12,8 @@ from torch import nn
 
 import surgeon
 from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
-from surgeon.methods.s2a.variants import (
-    FrozenBatchNorm,
-    InputFreeConv,
-    QuantizedLayerNorm,
-    is_variant,
-    make_variant,
-    revert_variant,
-)
+from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
+from surgeon.methods.variant import is_variant, make_variant, revert_variant
 from surgeon.train.memory import saved_for_backward
 
 

@@ -17,7 +17,8 @@ from surgeon.methods.s2a.activation import QuantizedActivation
 from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
 from surgeon.methods.s2a.gate import gated_multiply
 from surgeon.methods.s2a.matmul import quantized_matmul
-from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm, make_variant
+from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
+from surgeon.methods.variant import make_variant
 from surgeon.ops.activations import ActivationSpec
 from surgeon.train.memory import live_bytes, peak_memory
 

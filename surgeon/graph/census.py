@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from surgeon.methods.quadratic.inference import QuadraConvDW
-from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+from surgeon.methods.registry import built_types
 from surgeon.methods.s2a.activation import in_replacement
 from surgeon.ops.activations import FUNCTIONS, METHODS
 
@@ -68,6 +67,7 @@ class _ActivationSpy(TorchFunctionMode):
     def __init__(self, stack: list[nn.Module], records: dict[int, ModuleRecord]) -> None:
         super().__init__()
         self.stack, self.records = stack, records
+        self.conv_layers = (nn.Conv2d, *built_types())  # their own forward calls conv2d
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -77,14 +77,13 @@ class _ActivationSpy(TorchFunctionMode):
         if op is not None and self.stack and not in_replacement():
             shape = _shape(args[0]) if args else None
             self.records[id(self.stack[-1])].activations.append(ActivationCall(op, kind, shape or ()))
-        elif func in _CONV_FUNCTIONS and self.stack and not isinstance(self.stack[-1], _CONV_LAYERS):
+        elif func in _CONV_FUNCTIONS and self.stack and not isinstance(self.stack[-1], self.conv_layers):
             if _is_depthwise_call(args, kwargs):
                 self.records[id(self.stack[-1])].functional_depthwise.append(tuple(args[0].shape))
         return func(*args, **kwargs)
 
 
 _CONV_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
-_CONV_LAYERS = (nn.Conv2d, QuadraticDepthwiseConv2d, QuadraConvDW)  # their own forward calls conv2d
 
 
 def _is_depthwise_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

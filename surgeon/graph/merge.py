@@ -1,11 +1,12 @@
 """Merge: fold trained adapters into the inference format and revert everything that only mattered for training.
 
-* each :class:`QuadraticDepthwiseConv2d` becomes a dense :class:`QuadraConvDW` (QuadraLib layout);
-* each :class:`QuantizedActivation` gives back the original module, each rewritten owner its original module;
+* every layer a method built becomes that method's inference form (``Method.merge``): a quadratic layer a dense
+  :class:`QuadraConvDW` (QuadraLib layout), a linear delta is added to its kernel, memory variants and quantized
+  activations give back the original module;
+* each rewritten owner gives back its original module;
 * optionally (``fold_bn``) a BatchNorm that only consumes a quadratic layer's output is folded into it.
 
-The result is the original model class with quadratic layers in place. A merged checkpoint records each layer's
-geometry, so ``load`` rebuilds it from the base architecture without tracing anything.
+The result is the original model class with quadratic layers in place (:mod:`surgeon.io.merged` saves it).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.graph.discovery import norm_op
 from surgeon.graph.probe import default_input, output_difference
 from surgeon.graph.rewrite import original_of, set_submodule
-from surgeon.graph.sites import norm_op
 from surgeon.methods.quadratic.inference import QuadraConvDW
-from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
-from surgeon.methods.s2a.activation import QuantizedActivation
-from surgeon.methods.s2a.variants import fold_linear_delta, revert_variant
+from surgeon.methods.quadratic.merge import fold_batchnorm
+from surgeon.methods.registry import method_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,11 +68,9 @@ def _revert(module: nn.Module, memo: dict[int, tuple[nn.Module, nn.Module]]) -> 
         return memo[id(module)][1]
     original = original_of(module)
     result = original if original is not None else module
-    result = fold_linear_delta(result) if "weight_delta" in result._parameters else revert_variant(result)
-    if isinstance(result, QuantizedActivation):
-        result = result.original
-    elif isinstance(result, QuadraticDepthwiseConv2d):
-        result = QuadraConvDW.from_adapter(result)
+    method = method_of(result)
+    if method is not None:
+        result = method.merge(result)
     memo[id(module)] = (module, result)
     for name, child in list(result.named_children()):
         new = _revert(child, memo)
@@ -135,25 +133,6 @@ def _fold_blocker(model: nn.Module, node: torch.fx.Node, uses: dict[str, int]) -
         return f"the BatchNorm {user.target} is called at {uses.get(user.target)} sites"
     return ""
 
-
-def fold_batchnorm(layer: QuadraConvDW, bn: nn.Module) -> None:
-    """``s*(conv3 x + b + sum a*b) + t`` = ``conv3'(x) + b' + sum (s a) * b`` with ``s = γ/σ``, ``t = β - μ s``."""
-    with torch.no_grad():
-        scale = bn.running_var.add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        conv3 = layer.P.conv3
-        bias = conv3.bias if conv3.bias is not None else torch.zeros_like(shift)
-        conv3.weight.mul_(scale.view(-1, 1, 1, 1))
-        new_bias = bias * scale + shift
-        if conv3.bias is None:
-            conv3.bias = nn.Parameter(new_bias, requires_grad=False)
-        else:
-            conv3.bias.copy_(new_bias)
-        layer.P.conv1.weight.mul_(scale.repeat_interleave(layer.rank).view(-1, 1, 1, 1))
 
 
 def apply_folds(model: nn.Module, folded: dict[str, str]) -> None:

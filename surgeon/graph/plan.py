@@ -9,13 +9,13 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from surgeon.graph.sites import Site
+from surgeon.methods.base import Site
 from surgeon.recipe import Recipe
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 PLAN_SCHEMA = "surgeon.plan/1"
 
@@ -76,6 +76,8 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> Table:
+        from rich.table import Table
+
         shape_note = f" (estimates for input {tuple(self.input_shape)})" if self.input_shape else ""
         table = Table(title=f"surgeon plan: {self.model} with recipe '{self.recipe.name}'{shape_note}")
         table.add_column("site", no_wrap=True)
@@ -102,6 +104,8 @@ class Plan:
                 f"{human_bytes(summary['saved_bytes_before'])} → {human_bytes(summary['saved_bytes_after'])}")
 
     def __str__(self) -> str:
+        from rich.console import Console
+
         buffer = io.StringIO()
         console = Console(file=buffer, width=160, force_terminal=False, color_system=None)
         console.print(self.table())

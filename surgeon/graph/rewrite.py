@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,30 +17,12 @@ import torch.fx
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.graph.sites import (
-    CONV2D_SAME,
-    Analysis,
-    Site,
-    functional_nodes,
-    gate_nodes,
-    matmul_nodes,
-    quadratic_branches,
-)
+from surgeon.graph.discovery import Analysis
+from surgeon.graph.nodes import node_sites
 from surgeon.graph.tracing import trace_owner
-from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
-from surgeon.methods.s2a.activation import QuantizedActivation, prepare, quantized_call
-from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
-from surgeon.methods.s2a.gate import gated_multiply
-from surgeon.methods.s2a.matmul import quantized_matmul
-from surgeon.methods.s2a.variants import (
-    FrozenBatchNorm,
-    InputFreeConv,
-    QuantizedLayerNorm,
-    add_linear_delta,
-    make_variant,
-)
-from surgeon.ops.activations import FUNCTION_KEY_OF, ActivationSpec
-from surgeon.recipe import Recipe, Rule, match_pattern
+from surgeon.methods.base import Site
+from surgeon.methods.registry import get_method, method_of
+from surgeon.recipe import Recipe, match_pattern
 
 # attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
 _ROOT_ATTRIBUTES = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "global_pool")
@@ -107,38 +89,6 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _build_replacement(site: Site, rule: Rule, original: nn.Module) -> nn.Module:
-    if rule.target == "conv":
-        variant = make_variant(original, InputFreeConv)
-        variant._surgeon_same_dynamic = site.op == "conv2d_same"
-        return variant
-    if rule.target == "norm":
-        if site.op.startswith("batchnorm"):
-            return make_variant(original, FrozenBatchNorm)
-        variant = make_variant(original, QuantizedLayerNorm)
-        variant._surgeon_channel_dim = 1 if site.op == "layernorm2d" else -1
-        variant._surgeon_bits = rule.option("layernorm_bits")
-        return variant
-    if rule.target == "depthwise_conv" and rule.layer == "linear":
-        return add_linear_delta(original, same_dynamic=site.op == "conv2d_same")  # type: ignore[arg-type]
-    if rule.target == "depthwise_conv":
-        branch_a, branch_b = quadratic_branches(rule, original)  # type: ignore[arg-type]
-        return QuadraticDepthwiseConv2d.from_conv(
-            original,  # type: ignore[arg-type]
-            same_dynamic=CONV2D_SAME is not None and type(original) is CONV2D_SAME,
-            rank=rule.option("rank"), branch_a=branch_a, branch_b=branch_b,
-            keep_branches=rule.option("keep_branches"), b_init_std=rule.option("b_init_std"),
-            train_bias=rule.option("train_bias"), saved_input_bits=rule.option("saved_input_bits"))
-    assert site.spec is not None
-    return QuantizedActivation(original, site.spec, bits=activation_bits(rule, site.spec),
-                               group_size=rule.option("group_size"))
-
-
-def activation_bits(rule: Rule, spec: ActivationSpec) -> int:
-    """The rule's bit-width for what this activation keeps (its output, or its input's derivative code)."""
-    return rule.option("output_bits") if spec.family == "output" else rule.option("bits")
-
-
 def _trace_in_mode(owner: nn.Module, training: bool, observed: dict[str, Any] | None) -> torch.fx.Graph:
     """The owner's graph with ``self.training`` (and every branch on it) at ``training``; modes are restored."""
     modes = [(module, module.training) for module in owner.modules()]
@@ -168,53 +118,22 @@ def _rewrite_owner(owner: nn.Module, owner_path: str, sites: list[Site], recipe:
 
 def _rewrite_graph(graph: torch.fx.Graph, owner: nn.Module, owner_path: str, sites: list[Site],
                    recipe: Recipe) -> torch.fx.Graph:
-    """Replace each site's node in one traced graph of ``owner``."""
+    """Replace each site's node in one traced graph of ``owner`` with the call its method asks for."""
     wanted = {(s.op, s.occurrence): s for s in sites}
     done = set()
-    for node, _, occurrence, gate_index in gate_nodes(graph, owner, owner_path):
-        site = wanted.get(("gate_mul", occurrence))
+    for found in list(node_sites(graph, owner, owner_path)):
+        site = wanted.get((found.op, found.occurrence))
         if site is None:
             continue
         rule = recipe.rules[site.rule]  # type: ignore[index]
-        with graph.inserting_after(node):
-            new = graph.call_function(gated_multiply, (node.args[1 - gate_index], node.args[gate_index],
-                                                       gate_index == 0, rule.option("bits")))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        done.add(("gate_mul", occurrence))
-    for node, _, occurrence, probabilities in matmul_nodes(graph, owner, owner_path):
-        site = wanted.get(("matmul", occurrence))
-        if site is None:
-            continue
-        rule = recipe.rules[site.rule]  # type: ignore[index]
-        a_bits, b_bits = (rule.option("probability_bits") if p else rule.option("bits") for p in probabilities)
-        with graph.inserting_after(node):
-            new = graph.call_function(quantized_matmul, (*node.args, a_bits, b_bits, *probabilities))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        done.add(("matmul", occurrence))
-    for node, _, op, occurrence in functional_nodes(graph, owner_path):
-        site = wanted.get((op, occurrence))
-        if site is None:
-            continue
-        rule = recipe.rules[site.rule]  # type: ignore[index]
-        assert site.spec is not None
-        with graph.inserting_after(node):
-            if op == "scaled_dot_product_attention":
-                new = graph.call_function(quantized_scaled_dot_product_attention, node.args,
-                                          {**node.kwargs, "bits": rule.option("output_bits"),
-                                           "input_bits": rule.option("attention_input_bits")})
-            else:
-                target = f"method:{node.target}" if node.op == "call_method" else FUNCTION_KEY_OF[node.target]
-                bits = activation_bits(rule, site.spec)
-                prepare(site.spec, bits)
-                new = graph.call_function(
-                    quantized_call,
-                    (node.args[0], target, op, site.spec.params, bits, rule.option("group_size"), *node.args[1:]),
-                    dict(node.kwargs))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        done.add((op, occurrence))
+        # what the finder saw in this trace (the owner's own), not in the whole-model trace discovery used
+        function, args, kwargs = get_method(rule.target, rule.layer).call(
+            replace(site, detail=found.detail), rule.options, found.node)
+        with graph.inserting_after(found.node):
+            new = graph.call_function(function, args, kwargs)
+        found.node.replace_all_uses_with(new)
+        graph.erase_node(found.node)
+        done.add((found.op, found.occurrence))
     missing = set(wanted) - done
     if missing:
         raise SurgeonError(f"internal: sites {sorted(missing)} of {owner_path or '<root>'} vanished on re-trace")
@@ -258,7 +177,8 @@ def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,
         if site.action != "swap" or site.owner is not None:
             continue
         original = model.get_submodule(site.path)
-        replacement = _build_replacement(site, recipe.rules[site.rule], original)  # type: ignore[index]
+        rule = recipe.rules[site.rule]  # type: ignore[index]
+        replacement = get_method(rule.target, rule.layer).build(site, rule.options, original)
         for alias in site.aliases:
             set_submodule(model, alias, replacement)
     by_owner: dict[str, list[Site]] = defaultdict(list)
@@ -280,14 +200,13 @@ def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,
 
 
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that surgeon layers add (quadratic ``weight_a``/``weight_b``, linear ``weight_delta``)."""
+    """Parameters that methods' layers train (quadratic ``weight_a``/``weight_b``, linear ``weight_delta``, ...)."""
+    names = {id(param): name for name, param in model.named_parameters()}
     found = []
-    for path, module in model.named_modules():
-        if "weight_delta" in module._parameters:
-            found.append((f"{path}.weight_delta" if path else "weight_delta", module.weight_delta))
-        if isinstance(module, QuadraticDepthwiseConv2d):
-            found.append((f"{path}.weight_a" if path else "weight_a", module.weight_a))
-            found.append((f"{path}.weight_b" if path else "weight_b", module.weight_b))
+    for module in model.modules():
+        method = method_of(module)
+        if method is not None:
+            found.extend((names[id(param)], param) for param in method.trainable(module) if id(param) in names)
     return found
 
 
@@ -297,9 +216,6 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> None:
         param.requires_grad_(False)
     for _, param in adapter_parameters(model):
         param.requires_grad_(True)
-    for module in model.modules():
-        if isinstance(module, QuadraticDepthwiseConv2d) and module.bias is not None and module.train_bias:
-            module.bias.requires_grad_(True)
     names = [name for name, _ in model.named_parameters()]
     for pattern in recipe.trainable:
         hits = [n for n in names if match_pattern(pattern, n)]

@@ -15,12 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from surgeon.methods.quadratic.inference import QuadraConvDW
-from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
-from surgeon.methods.s2a.activation import QuantizedActivation, quantized_call
-from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
-from surgeon.methods.s2a.gate import gated_multiply
-from surgeon.methods.s2a.variants import is_variant
+from surgeon.methods.registry import all_methods, built_types
 from surgeon.ops.activations import module_op
 
 
@@ -33,21 +28,18 @@ def _timm_leaves() -> tuple[set[type], tuple[Any, ...]]:
     return set(timm_fx.get_notrace_modules()), functions
 
 
-_SURGEON_FUNCTIONS = (quantized_call, quantized_scaled_dot_product_attention, gated_multiply)
-
-
 class ModelTracer(torch.fx.Tracer):
     """Whole-model tracer: timm leaves, activation modules and surgeon layers are not traced through."""
 
     def __init__(self) -> None:
         leaves, functions = _timm_leaves()
-        super().__init__(autowrap_modules=(math,), autowrap_functions=functions + _SURGEON_FUNCTIONS)
+        inserted = tuple(f for method in all_methods() for f in method.leaf_functions)  # what rewrites insert
+        super().__init__(autowrap_modules=(math,), autowrap_functions=functions + inserted)
         self.leaf_types = leaves
+        self.surgeon_layers = built_types()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or isinstance(m, (QuantizedActivation, QuadraticDepthwiseConv2d, QuadraConvDW)):
-            return True
-        if module_op(m) is not None or is_variant(m):
+        if type(m) in self.leaf_types or isinstance(m, self.surgeon_layers) or module_op(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

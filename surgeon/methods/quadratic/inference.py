@@ -17,16 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.methods.quadratic.layer import (
-    AtrousKernel,
-    QuadraticDepthwiseConv2d,
-    branch_pads,
-    conv_span,
-    same_pads,
-    static_pads,
-)
-
-Pair = tuple[int, int]
+from surgeon.methods.quadratic.layer import AtrousKernel, QuadraticDepthwiseConv2d, conv_span
+from surgeon.ops.padding import Pair, branch_pads, same_pads, static_pads
 
 
 class QuadraticParts(nn.Module):

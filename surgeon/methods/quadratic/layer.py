@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.ops.padding import Pads, Pair, branch_pads, same_pads, split_pads, static_pads
 from surgeon.ops.precision import autocast_off, cast, compute_dtype, grad_as
 from surgeon.ops.row_quantizer import dequantize_image, is_channels_last, quantize_image
-
-Pair = tuple[int, int]
-Pads = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
 
 
 @dataclass(frozen=True)
@@ -56,43 +54,6 @@ def default_branches(kernel: Pair, dilation: Pair) -> tuple[AtrousKernel, Atrous
         b_dil.append((k - 1) * d if kb > 1 else 1)
     return AtrousKernel(tuple(a_kernel), tuple(a_dil)), AtrousKernel(tuple(b_kernel), tuple(b_dil))
 
-
-def same_pads(size: Pair, kernel: Pair, stride: Pair, dilation: Pair) -> Pads:
-    """timm's dynamic TF-"same" padding for an input of ``size``."""
-    pads = []
-    for length, k, s, d in zip(size, kernel, stride, dilation):
-        total = max((math.ceil(length / s) - 1) * s + (k - 1) * d + 1 - length, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
-    return left, right, top, bottom
-
-
-def static_pads(padding: Any, kernel: Pair, dilation: Pair) -> Pads:
-    """Explicit pads of a conv's ``padding`` argument (ints, pairs, ``'same'`` or ``'valid'``)."""
-    if padding == "valid":
-        return 0, 0, 0, 0
-    if padding == "same":
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        (top, bottom), (left, right) = [(t // 2, t - t // 2) for t in totals]
-        return left, right, top, bottom
-    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    return pw, pw, ph, ph
-
-
-def branch_pads(primary: Pads, primary_span: Pair, branch_span: Pair) -> Pads:
-    """Pads that put a smaller-span branch's window at the centre of the primary window."""
-    left, right, top, bottom = primary
-    (sh, sw), (bh, bw) = primary_span, branch_span
-    off_h, off_w = (sh - bh) // 2, (sw - bw) // 2
-    return left - off_w, right - (sw - bw - off_w), top - off_h, bottom - (sh - bh - off_h)
-
-
-def _split_pads(pads: Pads) -> tuple[Pads | None, Pair]:
-    """Symmetric non-negative pads go into the conv call; anything else is applied (or cropped) by F.pad."""
-    left, right, top, bottom = pads
-    if left == right and top == bottom and left >= 0 and top >= 0:
-        return None, (top, left)
-    return pads, (0, 0)
 
 
 @dataclass(frozen=True)
@@ -315,9 +276,9 @@ class QuadraticDepthwiseConv2d(nn.Module):
     def branch_calls(self, x: torch.Tensor) -> tuple[_BranchCall, _BranchCall, _BranchCall]:
         pads = self.primary_pads(x)
         span = conv_span(self.kernel_size, self.dilation)
-        calls = [_BranchCall(*_split_pads(pads), self.dilation)]
+        calls = [_BranchCall(*split_pads(pads), self.dilation)]
         for branch in (self.branch_a, self.branch_b):
-            calls.append(_BranchCall(*_split_pads(branch_pads(pads, span, branch.span())), branch.dilation))
+            calls.append(_BranchCall(*split_pads(branch_pads(pads, span, branch.span())), branch.dilation))
         return tuple(calls)  # type: ignore[return-value]
 
     def primary_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

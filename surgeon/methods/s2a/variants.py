@@ -20,33 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.methods.quadratic.layer import same_pads
+from surgeon.ops.padding import same_pads
 from surgeon.ops.precision import grad_as
 from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
-
-_VARIANTS: dict[tuple[type, type], type] = {}
-
-
-def make_variant(module: nn.Module, mixin: type) -> nn.Module:
-    """Turn ``module`` (in place) into ``mixin`` + its class; returns it."""
-    original = type(module)
-    key = (mixin, original)
-    if key not in _VARIANTS:
-        _VARIANTS[key] = type(f"{mixin.__name__}{original.__name__}", (mixin, original),
-                              {"_surgeon_base_class": original, "__module__": mixin.__module__})
-    module.__class__ = _VARIANTS[key]
-    return module
-
-
-def revert_variant(module: nn.Module) -> nn.Module:
-    base = getattr(type(module), "_surgeon_base_class", None)
-    if base is not None:
-        module.__class__ = base
-    return module
-
-
-def is_variant(module: nn.Module) -> bool:
-    return getattr(type(module), "_surgeon_base_class", None) is not None
 
 
 def _needs_backward(x: torch.Tensor) -> bool:
@@ -218,35 +194,3 @@ def layer_norm_channel_dim(module: nn.Module) -> int | None:
     if type(module) is nn.LayerNorm or (TimmLayerNorm is not None and type(module) is TimmLayerNorm):
         return -1
     return None
-
-
-# ------------------------------------------------------------------------------------------ linear adapter
-class LinearDeltaConv:
-    """Mixin for a depthwise conv with a zero-initialised trainable kernel delta: ``conv(x, W + ΔW) + b``.
-
-    Exact at init (``W + 0 == W``) and exactly mergeable (``W += ΔW``). The delta is the parameter
-    ``weight_delta`` beside the frozen ``weight``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv: Any = self
-        weight = conv.weight + conv.weight_delta
-        if getattr(conv, "_surgeon_same_dynamic", False):
-            pads = same_pads(tuple(x.shape[-2:]), tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
-            return F.conv2d(F.pad(x, pads), weight, conv.bias, conv.stride, (0, 0), conv.dilation, conv.groups)
-        return conv._conv_forward(x, weight, conv.bias)
-
-
-def add_linear_delta(conv: nn.Conv2d, same_dynamic: bool) -> nn.Module:
-    variant = make_variant(conv, LinearDeltaConv)
-    variant._surgeon_same_dynamic = same_dynamic
-    variant.register_parameter("weight_delta", nn.Parameter(torch.zeros_like(conv.weight)))
-    return variant
-
-
-def fold_linear_delta(conv: nn.Module) -> nn.Module:
-    """``W += ΔW``, drop the delta, back to the original class."""
-    with torch.no_grad():
-        conv.weight.add_(conv.weight_delta)
-    del conv.weight_delta
-    return revert_variant(conv)
