@@ -14,7 +14,7 @@ import surgeon
 from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
 from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
 from surgeon.methods.variant import is_variant, make_variant, revert_variant
-from surgeon.train.memory import saved_for_backward
+from surgeon.train.memory import KeptForBackward, saved_for_backward
 
 
 def grads(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -189,16 +189,10 @@ def test_gated_multiply(gate_first, channels_last, seeded):
 
 
 def _saved_by(fn, x: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     leaf = x.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with KeptForBackward() as kept:
         fn(leaf)
-    return sum(storages.values())
+    return kept.bytes
 
 
 def test_squeeze_excite_gates_are_converted():

@@ -8,6 +8,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from surgeon.methods.quadratic.layer import AtrousKernel, QuadraticDepthwiseConv2d, default_branches
+from surgeon.train.memory import KeptForBackward
 
 CASES = [
     # kernel, stride, padding, dilation, same_dynamic
@@ -80,9 +81,9 @@ def test_backward_does_not_keep_the_product(seeded):
     conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
     layer = QuadraticDepthwiseConv2d.from_conv(conv)
     x = torch.randn(4, 8, 20, 20)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with KeptForBackward() as kept:
         layer(x)
+    saved = kept.tensors
     storages = {t.untyped_storage().data_ptr() for t in saved}
     assert x.untyped_storage().data_ptr() in storages
     activation_sized = [t for t in saved if t.shape == (4, 8, 20, 20) and t.data_ptr() != x.data_ptr()]

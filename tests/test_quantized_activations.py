@@ -14,6 +14,7 @@ from surgeon.methods.s2a.activation import QuantizedActivation, quantized_call
 from surgeon.methods.s2a.attention import quantized_scaled_dot_product_attention
 from surgeon.ops import bitpack
 from surgeon.ops.activations import FUNCTION_KEY_OF, spec_from_module
+from surgeon.train.memory import KeptForBackward
 
 MASK_MODULES = [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.ReLU6(inplace=True), nn.LeakyReLU(0.2),
                 nn.Hardtanh(-2.0, 3.0), nn.Hardsigmoid()]
@@ -100,15 +101,9 @@ def test_more_bits_means_closer_gradients(seeded):
 
 
 def saved_bytes(fn, x: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with KeptForBackward() as kept:
         fn(x)
-    return sum(storages.values())
+    return kept.bytes
 
 
 @pytest.mark.parametrize("module,bits,ratio", [(nn.ReLU(), 4, 32), (nn.GELU(), 4, 8), (nn.GELU(), 2, 16),

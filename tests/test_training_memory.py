@@ -20,7 +20,7 @@ from surgeon.methods.s2a.matmul import quantized_matmul
 from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
 from surgeon.methods.variant import make_variant
 from surgeon.ops.activations import ActivationSpec
-from surgeon.train.memory import live_bytes, peak_memory
+from surgeon.train.memory import KeptForBackward, live_bytes, peak_memory
 
 IMAGE = (4, 64, 192, 192)  # 9.4 M elements, 38 MB in fp32
 
@@ -55,16 +55,10 @@ def test_peak_memory_sees_backward_temporaries():
 def _backward_rise(forward, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[int, int]:
     """(bytes the backward allocates at its peak, bytes of the input gradients it returns); whatever forward keeps
     for backward is held alive throughout, so only the backward's own allocations count."""
-    kept: list[torch.Tensor] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with KeptForBackward() as kept:
         out = forward(*inputs)
     grad = torch.randn_like(out)
-    result = peak_memory(lambda: torch.autograd.backward(out, grad), [*inputs, *params, *kept, out, grad])
+    result = peak_memory(lambda: torch.autograd.backward(out, grad), [*inputs, *params, *kept.tensors, out, grad])
     returned = live_bytes([t.grad for t in inputs if t.grad is not None])
     return result.rise, returned
 
@@ -157,10 +151,9 @@ def test_quantized_attention():
 def test_long_sequences_use_the_fused_attention():
     """Where N x N low-bit probabilities outweigh fused attention's O(N) state, the fused op runs: it keeps less."""
     q, k, v = (torch.randn(1, 1, 4096, 32, requires_grad=True) for _ in range(3))
-    kept: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+    with KeptForBackward() as kept:
         out = quantized_scaled_dot_product_attention(q, k, v, bits=4, input_bits=8)
-    assert live_bytes(kept) < 4096 * 4096 * 4 / 8  # less than the 4-bit probabilities alone
+    assert kept.bytes < 4096 * 4096 * 4 / 8  # less than the 4-bit probabilities alone
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 

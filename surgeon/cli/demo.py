@@ -38,9 +38,14 @@ def _validation_batch(root: Path, model: torch.nn.Module, limit: int = 64) -> to
 
 def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, crops_per_photo: int = 40,
              batch_size: int = 32, export: bool = True) -> DemoReport:
-    import surgeon
-    from surgeon.cli.app import app as cli
+    from surgeon.api import plan as plan_model
+    from surgeon.cli.adapt_command import adapt as adapt_command
+    from surgeon.cli.convert_command import convert as convert_command
     from surgeon.cli.demo_data import build_shifted_photos
+    from surgeon.cli.export_command import export as export_command
+    from surgeon.cli.merge_command import merge as merge_command
+    from surgeon.io.artifacts import load as load_artifact
+    from surgeon.io.artifacts import load_model
     from surgeon.io.bundled_weights import ARCHITECTURE, export_efficientnet_lite0
     from surgeon.train.adapt import evaluate
 
@@ -57,15 +62,15 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
 
     say("\n== 2. plan and convert with quadranet-v2-s2a")
     command("plan", ARCHITECTURE, "--weights", weights)
-    loaded = surgeon.load_model(ARCHITECTURE, weights=str(weights))
-    plan = surgeon.plan(loaded.model, "quadranet-v2-s2a")
+    loaded = load_model(ARCHITECTURE, weights=str(weights))
+    plan = plan_model(loaded.model, "quadranet-v2-s2a")
     say(plan.summary_line() + "  (add --json for every site)")
     converted_dir = out / "converted"
     command("convert", ARCHITECTURE, "--weights", weights, "--out", converted_dir, "--force")
-    cli.convert(ARCHITECTURE, out=converted_dir, recipe="quadranet-v2-s2a", weights=weights, arch=None,
+    convert_command(ARCHITECTURE, out=converted_dir, recipe="quadranet-v2-s2a", weights=weights, arch=None,
                 dry_run=False, force=True, json_output=False, non_strict=False, random_init=False)
     report.artifacts["converted model"] = str(converted_dir)
-    converted = surgeon.load(converted_dir)
+    converted = load_artifact(converted_dir)
     names, photos = photo_batch(loaded.model)
     with torch.no_grad():
         before, after = loaded.model(photos), converted(photos)
@@ -84,23 +89,23 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
     adapted_dir = out / "adapted"
     command("adapt", converted_dir, "--data", data.root, "--out", adapted_dir, "--epochs", epochs, "--batch-size",
             batch_size, "--force")
-    cli.adapt(str(converted_dir), data=data.root, out=adapted_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
+    adapt_command(str(converted_dir), data=data.root, out=adapted_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
               weight_decay=0.05, clip_grad=5.0, warmup_epochs=0.0, workers=0, seed=0, channels_last=True,
               update_bn_stats=False, resume=False, force=True, no_verify=False, json_output=False)
     report.artifacts["adapted model (+ training state)"] = str(adapted_dir)
-    adapted = surgeon.load(adapted_dir)
+    adapted = load_artifact(adapted_dir)
     metrics = getattr(adapted, "surgeon_metrics", {}) or {}
     report.after_top1 = metrics.get("val_top1")
 
     say("\n== 5. merge into the inference checkpoint")
     merged_dir = out / "merged"
     command("merge", adapted_dir, "--out", merged_dir, "--fold-bn", "--force")
-    cli.merge(str(adapted_dir), out=merged_dir, fold_bn=True, dtype="fp32", force=True, no_verify=False,
+    merge_command(str(adapted_dir), out=merged_dir, fold_bn=True, dtype="fp32", force=True, no_verify=False,
               json_output=False)
     report.artifacts["merged model"] = str(merged_dir)
 
     say("\n== 6. reload the merged checkpoint and compare with the adapted model")
-    merged = surgeon.load(merged_dir)
+    merged = load_artifact(merged_dir)
     images = _validation_batch(data.root, loaded.model)
     with torch.no_grad():
         want, got = adapted(images), merged(images)
@@ -116,7 +121,7 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
     if export:
         say("\n== 7. export for deployment: ONNX, run by onnxruntime on val images and compared with PyTorch")
         command("export", merged_dir, "--format", "onnx", "--images", data.root / "val", "--force")
-        cli.export(str(merged_dir), format="onnx", out=None, images=data.root / "val", tolerance=None, opset=None,
+        export_command(str(merged_dir), format="onnx", out=None, images=data.root / "val", tolerance=None, opset=None,
                    no_check=False, force=True, no_verify=False, json_output=False)
         config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
         entry = next(e for e in config["surgeon"]["exports"] if e["format"] == "onnx")

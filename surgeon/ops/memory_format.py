@@ -32,3 +32,8 @@ def apply_memory_format(model: nn.Module, name: str | None) -> nn.Module:
     if name in FORMATS:
         model.to(memory_format=FORMATS[name])
     return model
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Stored NHWC (and not also plain contiguous, as 1x1 images are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.ops import bitpack
+from surgeon.ops.memory_format import is_channels_last
 
 
 @dataclass
@@ -84,10 +85,6 @@ def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     return flat.view(-1, group_size)
 
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Stored NHWC (and not also plain contiguous, as 1x1 images are)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 @dataclass(frozen=True)

@@ -30,28 +30,44 @@ class SavedMemory:
         return self.bytes / 2**20
 
 
+class KeptForBackward:
+    """Every tensor autograd keeps for backward while the context is open (through ``saved_tensors_hooks``).
+
+    ``bytes`` counts distinct storages once, leaving out those of ``exclude`` (parameters and buffers exist whether
+    or not anything trains). The one counter behind :func:`saved_for_backward` and the tests' kept-bytes checks."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in self._excluded:
+            self.tensors.append(tensor)
+        return tensor
+
+    def __enter__(self) -> KeptForBackward:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return live_bytes(self.tensors)
+
+
 def saved_for_backward(model: nn.Module, inputs: torch.Tensor,
                        loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        run_backward: bool = True) -> SavedMemory:
     """Bytes kept for backward by one forward pass of ``model`` (train mode as set by the caller)."""
-    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages: dict[int, int] = {}
-    count = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal count
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-            count += 1
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with KeptForBackward(exclude=[*model.parameters(), *model.buffers()]) as kept:
         output = model(inputs)
         value = loss(output) if loss is not None else output.float().logsumexp(-1).mean()
     if run_backward and value.requires_grad:
         value.backward()
-    return SavedMemory(bytes=sum(storages.values()), tensors=count)
+    return SavedMemory(bytes=kept.bytes, tensors=len(kept.tensors))
 
 
 @dataclass

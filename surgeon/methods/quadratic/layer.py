@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.padding import Pads, Pair, branch_pads, same_pads, split_pads, static_pads
 from surgeon.ops.precision import autocast_off, cast, compute_dtype, grad_as
-from surgeon.ops.row_quantizer import dequantize_image, is_channels_last, quantize_image
+from surgeon.ops.row_quantizer import dequantize_image, quantize_image
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.package_data import data_dir
-from surgeon.ops.row_quantizer import is_channels_last
 
 KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
 MAX_RANK = 8
