@@ -8,7 +8,7 @@ surgeon's code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ class SideBranchConv(nn.Module):
 class SideBranchMethod(Method):
     target = "depthwise_conv"
     layer = "side_branch"
-    options = {"min_channels": (1, positive_int)}
+    options: ClassVar[dict[str, Any]] = {"min_channels": (1, positive_int)}
     layer_types = (SideBranchConv,)
     adds_parameters = True
 
@@ -117,7 +117,7 @@ def test_recipes_validate_a_registered_methods_options(side_branch):
 
 
 def test_an_unregistered_method_is_a_recipe_error():
-    with pytest.raises(surgeon.RecipeError, match="expected one of .*quadratic"):
+    with pytest.raises(surgeon.RecipeError, match=r"expected one of .*quadratic"):
         surgeon.load_recipe(RECIPE)
 
 
