@@ -73,12 +73,12 @@ def test_torch_export_has_one_node_per_quadratic_layer_and_a_dynamic_batch(merge
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(program.module()(x), want, rtol=1e-5, atol=1e-6)  # batch 5: never traced
-    # a fresh process needs only `import surgeon` to run the program
+    # a fresh process needs only `import surgeon.ops.kernels` (the custom op) to run the program
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "want.npy", want.numpy())
     paths = {"program": tmp_path / "m.pt2", "x": tmp_path / "x.npy", "want": tmp_path / "want.npy"}
     script = (
-        f"import numpy as np, torch, surgeon; p = torch.export.load(r'{paths['program']}'); "
+        f"import numpy as np, torch, surgeon.ops.kernels; p = torch.export.load(r'{paths['program']}'); "
         f"x = torch.from_numpy(np.load(r'{paths['x']}')); want = torch.from_numpy(np.load(r'{paths['want']}')); "
         "torch.testing.assert_close(p.module()(x), want, rtol=1e-5, atol=1e-6); print('ok')")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
