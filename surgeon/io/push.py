@@ -139,8 +139,8 @@ def _exports_section(exports: list[dict[str, Any]]) -> list[str]:
                   'session = onnxruntime.InferenceSession("model.onnx")',
                   'logits = session.run(None, {"pixel_values": images.numpy()})[0]', "```", ""]
     if any(e.get("format") == "torch-export" for e in exports):
-        lines += ["```python", "import surgeon.ops.kernels  # registers torch.ops.surgeon.quadratic_dwconv", "import torch", "",
-                  'model = torch.export.load("model.pt2").module()', "```", ""]
+        lines += ["```python", "import surgeon.ops.kernels  # registers torch.ops.surgeon.quadratic_dwconv",
+                  "import torch", "", 'model = torch.export.load("model.pt2").module()', "```", ""]
     return lines
 
 

@@ -33,7 +33,6 @@ from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.package_data import data_dir
 
 KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
-MAX_RANK = 8
 MAX_SPAN = 31
 BLOCK = 256
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -51,6 +50,18 @@ def kernel_source(name: str) -> str:
     text = folder.joinpath(name).read_text(encoding="utf-8")
     common = folder.joinpath("common.cuh").read_text(encoding="utf-8").replace("#pragma once", "")
     return re.sub(r'#include "common\.cuh"', lambda _: common, text)
+
+
+def _source_constant(name: str, file: str) -> int:
+    """A ``#define`` of a kernel source, so a limit the kernel is compiled with is stated once, in the kernel."""
+    match = re.search(rf"^#define {name} (\d+)\s*$", data_dir("kernels").joinpath(file).read_text(encoding="utf-8"),
+                      re.MULTILINE)
+    if match is None:  # pragma: no cover - the shipped source defines it
+        raise RuntimeError(f"kernels/{file} does not define {name}")
+    return int(match.group(1))
+
+
+MAX_RANK = _source_constant("SURGEON_MAX_RANK", "quadratic_dwconv.cu")  # per-thread accumulator arrays
 
 
 def nvrtc_options() -> tuple[str, ...]:
