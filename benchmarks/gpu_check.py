@@ -112,7 +112,7 @@ def training(report: Report, steps: int) -> None:
 
     import surgeon
     from surgeon.cli.app import app
-    from surgeon.train.adapt import load_training_state
+    from surgeon.train.training_state import load_training_state
 
     root = Path(tempfile.mkdtemp(prefix="surgeon-gpu-check-"))
     rng = np.random.default_rng(0)

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon.cli.app import app
 from surgeon.errors import SurgeonError
-from surgeon.train.adapt import load_training_state, trainable_digest
+from surgeon.train.distributed import trainable_digest
+from surgeon.train.training_state import load_training_state
 
 
 class Tiny(nn.Module):

@@ -108,7 +108,7 @@ def test_autocast_step_through_every_custom_function(dtype):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_adapt_trains_under_amp_on_the_cpu(tmp_path, amp):
-    from surgeon.train.adapt import load_training_state
+    from surgeon.train.training_state import load_training_state
 
     model = converted_model()
     torch.manual_seed(0)

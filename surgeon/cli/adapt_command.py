@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -56,9 +57,10 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
     from surgeon.io.adapter_artifacts import save_adapter, trainable_summary
     from surgeon.io.artifacts import load as load_artifact
     from surgeon.train.adapt import adapt as run_adapt
-    from surgeon.train.adapt import distributed_setup, evaluate, require_trainable, trainable_digest
+    from surgeon.train.adapt import evaluate, require_trainable
     from surgeon.train.data import image_folder_data
     from surgeon.train.devices import amp_dtype, resolve_device
+    from surgeon.train.distributed import distributed_setup, trainable_digest
 
     target = resolve_device(device)
     amp_dtype(amp)
@@ -87,17 +89,7 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                                               pin_memory=target.type == "cuda")
     if folders.skipped:
         stderr.print(f"warning: skipped {folders.skipped} unreadable image(s)", markup=False)
-    if head_classes != getattr(model, "num_classes", head_classes):
-        if not hasattr(model, "reset_classifier"):
-            raise fail(f"the data has {head_classes} classes but the model has {model.num_classes} and no "
-                       "reset_classifier(); rebuild its head first")
-        model.reset_classifier(head_classes)
-        model.get_classifier().requires_grad_(True)
-        model.surgeon_info.base.setdefault("model_args", {})["num_classes"] = head_classes
-        say(f"classifier head reset to {head_classes} classes ({', '.join(folders.classes[:5])}"
-            f"{', …' if head_classes > 5 else ''}); the new head is trainable")
-    elif folders.class_map is not None:
-        say("class folders are class indices of the pretrained head: head kept")
+    _fit_head(model, head_classes, folders.classes, folders.class_map is not None, say)
     require_trainable(model)
     model.to(target)
     before = None
@@ -126,3 +118,18 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                          indent=2))
     elif final is not None:
         say(f"trained {report.trainable_parameters:,} parameters; checkpoint in {out}")
+
+
+def _fit_head(model: Any, classes: int, names: list[str], indices: bool, say: Callable[[str], None]) -> None:
+    """A new trainable classifier head when the data has another number of classes than the model."""
+    if classes != getattr(model, "num_classes", classes):
+        if not hasattr(model, "reset_classifier"):
+            raise fail(f"the data has {classes} classes but the model has {model.num_classes} and no "
+                       "reset_classifier(); rebuild its head first")
+        model.reset_classifier(classes)
+        model.get_classifier().requires_grad_(True)
+        model.surgeon_info.base.setdefault("model_args", {})["num_classes"] = classes
+        say(f"classifier head reset to {classes} classes ({', '.join(names[:5])}"
+            f"{', …' if classes > 5 else ''}); the new head is trainable")
+    elif indices:
+        say("class folders are class indices of the pretrained head: head kept")

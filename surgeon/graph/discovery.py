@@ -129,8 +129,19 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
         warnings.append(f"torch.fx could not trace the model ({trace_error}); falling back to the module-tree "
                         "pass and the run-time census")
     paths = _module_paths(model)
-    call_module_targets = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
     modules_by_path = dict(model.named_modules(remove_duplicate=False))
+    sites = _module_sites(model, graph, census, paths, modules_by_path)
+    traced_owners = _graph_sites(model, graph, modules_by_path, sites) if graph is not None else set()
+    _add_hidden_sites(model, census, traced_owners, paths, modules_by_path, sites)
+    _add_functional_depthwise_sites(model, census, paths, sites)
+    _functional_shapes(sites, census, modules_by_path)
+    return Analysis(sites=sites, trace_error=trace_error, census=census, warnings=warnings)
+
+
+def _module_sites(model: nn.Module, graph: torch.fx.Graph | None, census: Census, paths: dict[int, list[str]],
+                  modules_by_path: dict[str, nn.Module]) -> list[Site]:
+    """Sites reached through the module tree: one per module object, with every path it has."""
+    call_module_targets = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
     surgeon_layers = built_types()
     sites: list[Site] = []
     seen: set[int] = set()
@@ -158,29 +169,37 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
             except UnsupportedCall as exc:
                 site.blocker = str(exc)
         sites.append(site)
+    return sites
 
+
+def _graph_sites(model: nn.Module, graph: torch.fx.Graph, modules_by_path: dict[str, nn.Module],
+                 sites: list[Site]) -> set[str]:
+    """Functional sites of the whole-model trace (activation calls, gate products, attention matmuls); returns
+    the owners whose forward was traced."""
     traced_owners: set[str] = set()
-    if graph is not None:
-        for node, owner, op, occurrence, _ in functional_nodes(graph):
+    for node, owner, op, occurrence, _ in functional_nodes(graph):
+        owner_module = modules_by_path.get(owner)
+        if owner_module is not None and (module_op(owner_module) or _is_built_layer(owner_module)):
+            continue
+        traced_owners.add(owner)
+        site = _functional_site(node.op, owner, op, occurrence, owner_module)
+        try:
+            site.spec = _spec_of_node(node, op)
+        except UnsupportedCall as exc:
+            site.blocker = str(exc)
+        sites.append(site)
+    for target, found in (("gate", gate_nodes(graph, model)), ("matmul", matmul_nodes(graph, model))):
+        for node, owner, op, occurrence, detail in found:
             owner_module = modules_by_path.get(owner)
-            if owner_module is not None and (module_op(owner_module) or _is_built_layer(owner_module)):
-                continue
-            traced_owners.add(owner)
-            site = _functional_site(node.op, owner, op, occurrence, owner_module)
-            try:
-                site.spec = _spec_of_node(node, op)
-            except UnsupportedCall as exc:
-                site.blocker = str(exc)
-            sites.append(site)
-        for target, found in (("gate", gate_nodes(graph, model)), ("matmul", matmul_nodes(graph, model))):
-            for node, owner, op, occurrence, detail in found:
-                owner_module = modules_by_path.get(owner)
-                sites.append(Site(path=functional_site_path(owner, op, occurrence), target=target, op=op,
-                                  access=node.op,
-                                  module_type=type(owner_module).__name__ if owner_module is not None else "?",
-                                  owner=owner, occurrence=occurrence, aliases=[owner], detail=detail))
-    _add_hidden_sites(model, census, traced_owners, paths, modules_by_path, sites)
-    _add_functional_depthwise_sites(model, census, paths, sites)
+            sites.append(Site(path=functional_site_path(owner, op, occurrence), target=target, op=op,
+                              access=node.op,
+                              module_type=type(owner_module).__name__ if owner_module is not None else "?",
+                              owner=owner, occurrence=occurrence, aliases=[owner], detail=detail))
+    return traced_owners
+
+
+def _functional_shapes(sites: list[Site], census: Census, modules_by_path: dict[str, nn.Module]) -> None:
+    """Input shapes and call counts of functional sites, from their owner's census record."""
     for site in sites:
         if site.owner is not None:
             owner_module = modules_by_path.get(site.owner)
@@ -191,7 +210,6 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
                 if per_call and site.occurrence < len(calls):
                     site.input_shape = calls[site.occurrence % per_call].shape
                 site.calls = record.calls
-    return Analysis(sites=sites, trace_error=trace_error, census=census, warnings=warnings)
 
 
 def _inside_surgeon_layer(path: str, modules_by_path: dict[str, nn.Module]) -> bool:

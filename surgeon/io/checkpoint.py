@@ -16,7 +16,6 @@ from torch import nn
 from surgeon.errors import CheckpointError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NESTED_KEYS_EMA_FIRST = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
@@ -28,19 +27,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
 def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``torch.save`` file. Pickles are read with ``weights_only=True`` only;
-    EMA weights are preferred (as timm does) and DDP/compile prefixes stripped."""
+    EMA weights are preferred and DDP/compile prefixes stripped, as ``timm.models.load_state_dict`` does (that
+    function is not used itself: it fails with a bare ``FileNotFoundError`` or ``assert`` and takes non-tensor
+    entries, where this names the file and the problem in one line)."""
     path = Path(path)
     if path.is_symlink():
         try:
@@ -79,12 +70,12 @@ def read_state_dict(path: str | Path, use_ema: bool = True) -> dict[str, torch.T
                 break
     if not isinstance(loaded, dict) or not loaded:
         raise CheckpointError(f"{path}: holds no state dict (expected a mapping of names to tensors)")
-    state: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-        state[_strip_prefixes(key)] = value
-    return state
+    from timm.models import clean_state_dict  # DDP / torch.compile wrapper prefixes, as timm strips them
+
+    return clean_state_dict(loaded)
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:

@@ -8,10 +8,7 @@ it) plus ``training_state.pt`` (optimizer, scheduler, epoch, every rank's RNG st
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -28,8 +25,8 @@ from surgeon.errors import SurgeonError
 from surgeon.train.compiling import check_backend, compiled_graph_counts
 from surgeon.train.cpu_memory import retain_freed_memory
 from surgeon.train.devices import amp_dtype, resolve_device
-
-STATE_NAME = "training_state.pt"
+from surgeon.train.distributed import all_reduce, distributed_setup, gathered_rng_states, restore_rng_states
+from surgeon.train.training_state import STATE_NAME, load_training_state
 
 
 @dataclass
@@ -97,37 +94,7 @@ class AdaptReport:
         return self.history[-1] if self.history else None
 
 
-# ------------------------------------------------------------------------------------------ distributed
-def distributed_setup(device: torch.device | None = None) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun: NCCL when this process
-    trains on a GPU (made its current device), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        device = device if device is not None else resolve_device("auto")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def trainable_digest(model: nn.Module) -> str:
-    """SHA-256 of every trainable tensor, to check that replicas agree."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -155,7 +122,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True
             correct1 += (top[:, 0] == targets).sum().item()
             correct5 += (top == targets[:, None]).any(dim=-1).sum().item()
             seen += targets.numel()
-    correct1, correct5, seen = _all_reduce([correct1, correct5, seen], device)
+    correct1, correct5, seen = all_reduce([correct1, correct5, seen], device)
     if not seen:
         return Accuracy(0.0, 0.0, 0)
     return Accuracy(100.0 * correct1 / seen, 100.0 * correct5 / seen, int(seen))
@@ -170,57 +137,8 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets.to(device, non_blocking=True)
 
 
-# ------------------------------------------------------------------------------------------ state
-def _rng_state() -> dict[str, Any]:
-    """This process's torch, CUDA, Python and NumPy RNG states, in types ``torch.load(weights_only=True)`` reads."""
-    import numpy as np
-
-    _, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    saved = state.get("numpy")
-    if saved:
-        np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"],
-                             saved["has_gauss"], saved["gauss"]))
-    if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gathered_rng_states(world: int) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-    if world == 1:
-        return [_rng_state()]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, _rng_state())
-    return states
-
-
-def restore_rng_states(saved: Any, rank: int, world: int) -> None:
-    """Each rank continues its own streams; a run cannot change its number of processes on resume."""
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) != world:
-        raise SurgeonError(f"cannot resume: the run was saved with {len(states)} process(es) and this one has "
-                           f"{world} (the data order and random streams depend on it)")
-    _set_rng_state(states[rank])
-
-
-def load_training_state(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / STATE_NAME
-    if not path.is_file():
-        raise SurgeonError(f"cannot resume: {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SurgeonError(f"cannot resume: {path} is not readable ({str(exc).splitlines()[0]})") from exc
 
 
 def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
@@ -242,11 +160,64 @@ def require_trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@dataclass
+class _Run:
+    """What one training run steps with."""
+
+    opts: AdaptOptions
+    model: nn.Module
+    module: nn.Module  # what is called: the model, or its DDP / compiled wrapper
+    params: list[nn.Parameter]
+    device: torch.device
+    dtype: torch.dtype | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    rank: int
+    world: int
+
+
 def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any] | None = None,
           **options: Any) -> AdaptReport:
     """Train ``model``'s trainable parameters on ``train_loader`` (batches of ``(images, targets)``)."""
     opts = AdaptOptions(**options)
     say = opts.log or (lambda line: print(line, file=sys.stderr))
+    run = _prepare(model, opts, steps_per_epoch=len(train_loader))  # type: ignore[arg-type]
+    report = AdaptReport(trainable_parameters=sum(p.numel() for p in run.params),
+                         out=str(opts.out) if opts.out is not None else None)
+    start_epoch = _resume(run, report, say) if opts.resume else 0
+    counts_before = compiled_graph_counts()
+    show_bar = opts.progress if opts.progress is not None else (sys.stderr.isatty() and run.rank == 0)
+    for epoch in range(start_epoch, opts.epochs):
+        result = _train_epoch(run, train_loader, epoch, show_bar)
+        if val_loader is not None:
+            result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last,
+                                                                           opts.amp)
+        report.history.append(result)
+        if opts.compile is not None and report.graph_breaks is None:
+            graphs, breaks = compiled_graph_counts()
+            report.compiled_graphs, report.graph_breaks = graphs - counts_before[0], breaks - counts_before[1]
+            if run.rank == 0:
+                say(f"torch.compile ({opts.compile}): {report.compiled_graphs} graph(s), {report.graph_breaks} "
+                    "graph break(s) so far")
+        if opts.out is not None:
+            rng_states = gathered_rng_states(run.world)
+            if run.rank == 0:
+                _checkpoint(model, opts.out, epoch, run.optimizer, run.scheduler, report, rng_states, run.scaler)
+        if run.rank == 0:
+            say(_epoch_line(result, opts.epochs))
+        if run.world > 1:
+            dist.barrier()
+        if opts.stop_after is not None and epoch + 1 - start_epoch >= opts.stop_after and epoch + 1 < opts.epochs:
+            if run.rank == 0:
+                say(f"stopping after {opts.stop_after} epoch(s) of this run; continue with resume")
+            break
+    model.eval()
+    return report
+
+
+def _prepare(model: nn.Module, opts: AdaptOptions, steps_per_epoch: int) -> _Run:
+    """Device, process group, layout, optimizer, schedule and wrappers for a run."""
     params = require_trainable(model)
     device = resolve_device(opts.device) if opts.device is not None else params[0].device
     if device.type == "cpu" and opts.retain_cpu_memory:
@@ -258,91 +229,70 @@ def adapt(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     dtype = amp_dtype(opts.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     total = max(1, steps_per_epoch * opts.epochs)
     warmup = int(opts.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, total, warmup, opts.lr, opts.min_lr))
-    report = AdaptReport(trainable_parameters=sum(p.numel() for p in params),
-                         out=str(opts.out) if opts.out is not None else None)
-    start_epoch = 0
-    if opts.resume:
-        if opts.out is None:
-            raise SurgeonError("resume needs the output directory of the earlier run")
-        state = load_training_state(opts.out)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        report.history = [EpochResult(**entry) for entry in state.get("history", [])]
-        restore_rng_states(state["rng"], rank, world)
-        if start_epoch >= opts.epochs:
-            say(f"already trained for {start_epoch} epoch(s); nothing to do")
     module: nn.Module = model
     if world > 1:
         module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None)
-    counts_before = compiled_graph_counts()
     if opts.compile is not None:
         module = torch.compile(module, backend=opts.compile)
-    show_bar = opts.progress if opts.progress is not None else (sys.stderr.isatty() and rank == 0)
-    for epoch in range(start_epoch, opts.epochs):
-        _set_epoch(train_loader, epoch, opts.seed)
-        module.train()
-        if not opts.update_bn_stats:
-            for norm in model.modules():
-                if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                    norm.eval()
-        started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        bar = _Bar(steps_per_epoch, epoch, opts.epochs) if show_bar else None
-        for images, targets in train_loader:
-            images, targets = _to_device(images, targets, device, opts.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = F.cross_entropy(module(images), targets, label_smoothing=opts.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if opts.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.item()
-            batches += 1
-            images_seen += images.shape[0]
-            if bar is not None:
-                bar.update(loss.item(), images_seen / (time.perf_counter() - started))
+    return _Run(opts, model, module, params, device, dtype, optimizer, scheduler, scaler, rank, world)
+
+
+def _resume(run: _Run, report: AdaptReport, say: Callable[[str], None]) -> int:
+    """Load the saved training state into the run; returns the epoch to continue from."""
+    if run.opts.out is None:
+        raise SurgeonError("resume needs the output directory of the earlier run")
+    state = load_training_state(run.opts.out)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    start_epoch = int(state["epoch"]) + 1
+    report.history = [EpochResult(**entry) for entry in state.get("history", [])]
+    restore_rng_states(state["rng"], run.rank, run.world)
+    if start_epoch >= run.opts.epochs:
+        say(f"already trained for {start_epoch} epoch(s); nothing to do")
+    return start_epoch
+
+
+def _train_epoch(run: _Run, train_loader: Iterable[Any], epoch: int, show_bar: bool) -> EpochResult:
+    """One pass over the training data; loss and throughput summed over every rank."""
+    opts = run.opts
+    _set_epoch(train_loader, epoch, opts.seed)
+    run.module.train()
+    if not opts.update_bn_stats:
+        for norm in run.model.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                norm.eval()
+    started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+    bar = _Bar(len(train_loader), epoch, opts.epochs) if show_bar else None  # type: ignore[arg-type]
+    for images, targets in train_loader:
+        images, targets = _to_device(images, targets, run.device, opts.channels_last)
+        with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+            loss = F.cross_entropy(run.module(images), targets, label_smoothing=opts.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if opts.clip_grad is not None:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.params, opts.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        loss_sum += loss.item()
+        batches += 1
+        images_seen += images.shape[0]
         if bar is not None:
-            bar.close()
-        loss_sum, batches, images_seen = _all_reduce([loss_sum, batches, images_seen], device)
-        elapsed = time.perf_counter() - started
-        result = EpochResult(epoch=epoch, train_loss=loss_sum / max(batches, 1), lr=optimizer.param_groups[0]["lr"],
-                             images_per_second=images_seen / elapsed if elapsed else 0.0)
-        if val_loader is not None:
-            result.val_top1, result.val_top5, result.val_images = evaluate(model, val_loader, opts.channels_last,
-                                                                           opts.amp)
-        report.history.append(result)
-        if opts.compile is not None and report.graph_breaks is None:
-            graphs, breaks = compiled_graph_counts()
-            report.compiled_graphs, report.graph_breaks = graphs - counts_before[0], breaks - counts_before[1]
-            if rank == 0:
-                say(f"torch.compile ({opts.compile}): {report.compiled_graphs} graph(s), {report.graph_breaks} "
-                    "graph break(s) so far")
-        if opts.out is not None:
-            rng_states = gathered_rng_states(world)
-            if rank == 0:
-                _checkpoint(model, opts.out, epoch, optimizer, scheduler, report, rng_states, scaler)
-        if rank == 0:
-            say(_epoch_line(result, opts.epochs))
-        if world > 1:
-            dist.barrier()
-        if opts.stop_after is not None and epoch + 1 - start_epoch >= opts.stop_after and epoch + 1 < opts.epochs:
-            if rank == 0:
-                say(f"stopping after {opts.stop_after} epoch(s) of this run; continue with resume")
-            break
-    model.eval()
-    return report
+            bar.update(loss.item(), images_seen / (time.perf_counter() - started))
+    if bar is not None:
+        bar.close()
+    loss_sum, batches, images_seen = all_reduce([loss_sum, batches, images_seen], run.device)
+    elapsed = time.perf_counter() - started
+    return EpochResult(epoch=epoch, train_loss=loss_sum / max(batches, 1), lr=run.optimizer.param_groups[0]["lr"],
+                       images_per_second=images_seen / elapsed if elapsed else 0.0)
 
 
 def _epoch_line(result: EpochResult, epochs: int) -> str:
