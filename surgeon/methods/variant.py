@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from surgeon.methods.base import Method
+
 _VARIANTS: dict[tuple[type, type], type] = {}
 
 
@@ -32,3 +34,10 @@ def revert_variant(module: nn.Module) -> nn.Module:
 
 def is_variant(module: nn.Module) -> bool:
     return getattr(type(module), "_surgeon_base_class", None) is not None
+
+
+class VariantMethod(Method):
+    """A method whose layers are variants of the original module: merging restores the original class."""
+
+    def merge(self, module: nn.Module) -> nn.Module:
+        return revert_variant(module)

@@ -7,12 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from surgeon.methods.base import Method, Options, Site, decline_small_kernel
+from surgeon.methods.base import Options, Site, decline_small_kernel
 from surgeon.methods.linear_delta.config import OPTIONS
 from surgeon.methods.linear_delta.layer import LinearDeltaConv, add_linear_delta, fold_linear_delta
+from surgeon.methods.variant import VariantMethod
 
 
-class LinearDeltaMethod(Method):
+class LinearDeltaMethod(VariantMethod):
     target = "depthwise_conv"
     layer = "linear"
     description = "a zero-initialised trainable kernel delta"

@@ -20,7 +20,7 @@ from surgeon.methods.s2a.config import ACTIVATION_OPTIONS, GATE_OPTIONS, MATMUL_
 from surgeon.methods.s2a.gate import gated_multiply
 from surgeon.methods.s2a.matmul import quantized_matmul
 from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
-from surgeon.methods.variant import make_variant, revert_variant
+from surgeon.methods.variant import VariantMethod, make_variant
 from surgeon.ops.activations import FUNCTION_KEY_OF, ActivationSpec
 
 Replacement = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -85,7 +85,7 @@ class QuantizedActivationMethod(Method):
         return module.original
 
 
-class InputFreeConvMethod(Method):
+class InputFreeConvMethod(VariantMethod):
     """Frozen convs keep no input: their input gradient needs only the weight."""
 
     target = "conv"
@@ -102,11 +102,8 @@ class InputFreeConvMethod(Method):
         variant._surgeon_same_dynamic = site.op == "conv2d_same"
         return variant
 
-    def merge(self, module: nn.Module) -> nn.Module:
-        return revert_variant(module)
 
-
-class FrozenNormMethod(Method):
+class FrozenNormMethod(VariantMethod):
     """Frozen BatchNorm is a per-channel scale (keeps nothing); LayerNorm keeps its input at ``layernorm_bits``."""
 
     target = "norm"
@@ -135,9 +132,6 @@ class FrozenNormMethod(Method):
         variant._surgeon_channel_dim = 1 if site.op == "layernorm2d" else -1
         variant._surgeon_bits = options["layernorm_bits"]
         return variant
-
-    def merge(self, module: nn.Module) -> nn.Module:
-        return revert_variant(module)
 
 
 class QuantizedGateMethod(Method):
