@@ -1,0 +1,1 @@
+"""Adapter training: the loop, data, several processes, devices, torch.compile and memory measurement."""

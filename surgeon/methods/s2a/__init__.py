@@ -1,0 +1,1 @@
+"""S2A memory methods: exact forward, low-bit tensors kept for backward."""
