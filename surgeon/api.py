@@ -22,7 +22,6 @@ RecipeLike = str | Path | Recipe | dict[str, Any]
 DEFAULT_RECIPE = "quadranet-v2-s2a"
 
 
-
 def _analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | None) -> Analysis:
     was_training = model.training
     model.eval()  # the census must not update BatchNorm statistics
@@ -53,7 +52,6 @@ def nothing_trainable(analysis: Analysis, recipe: Recipe) -> str | None:
                + (f", none swapped: {depthwise[0].reason}" if depthwise and depthwise[0].reason else "") + ")")
     return (f"nothing will be trainable: {why}; adapt will refuse this model unless a recipe lists parameters "
             "in 'trainable'")
-
 
 
 def plan(model: nn.Module, recipe: RecipeLike = DEFAULT_RECIPE, example_input: torch.Tensor | None = None) -> Plan:
@@ -104,5 +102,3 @@ def _check_complete(converted: nn.Module, recipe: Recipe, example: torch.Tensor)
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name → parameter for everything that requires grad (what an optimizer should get)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-

@@ -134,7 +134,6 @@ def _fold_blocker(model: nn.Module, node: torch.fx.Node, uses: dict[str, int]) -
     return ""
 
 
-
 def apply_folds(model: nn.Module, folded: dict[str, str]) -> None:
     for bn_path, kind in folded.items():
         bn = model.get_submodule(bn_path)
@@ -174,5 +173,3 @@ def merge(model: nn.Module, fold_bn: bool = False, dtype: str = "fp32",
                                      layers={e["path"]: e for e in layers.values()}, folded=folded,
                                      unfolded=unfolded, verification=verification, dtype=dtype)
     return merged
-
-

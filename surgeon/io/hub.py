@@ -12,7 +12,6 @@ class HubError(SurgeonError):
     """A Hub operation failed; the message says what and how to fix it."""
 
 
-
 def hub_endpoint() -> str | None:
     """``HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import)."""
     return os.environ.get("HF_ENDPOINT") or None

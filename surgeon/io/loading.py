@@ -77,7 +77,6 @@ def from_weights_file(path: str | Path, architecture: str, strict: bool = True,
     return LoadedModel(model.eval(), architecture, str(path), args)
 
 
-
 def find_weights(directory: Path) -> Path:
     for name in WEIGHT_NAMES:
         if (directory / name).is_file():
@@ -131,5 +130,3 @@ def from_name_or_file(spec: str, weights: str | None = None, arch: str | None = 
         return from_weights_file(weights, spec, strict=strict, model_args=model_args)
     model = _create(spec, pretrained=pretrained, **(model_args or {}))
     return LoadedModel(model.eval(), spec, spec if not pretrained else f"timm:{spec}", dict(model_args or {}))
-
-

@@ -38,7 +38,6 @@ class PushResult:
     card_written: bool
 
 
-
 def _retry_server_errors(upload: Callable[[], T], attempts: int = 3, first_wait: float = 0.5) -> T:
     """Run ``upload`` again after a 5xx answer (with back-off). Without ``hf_xet`` huggingface_hub sends the
     commit once; a commit that failed with 5xx changed nothing, so sending it again is safe."""

@@ -86,7 +86,6 @@ def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
     return flat.view(-1, group_size)
 
 
-
 @dataclass(frozen=True)
 class ImageRows:
     """How a 4-D tensor was cut into quantization rows, so it can be put back in its own layout."""

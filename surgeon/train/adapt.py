@@ -94,9 +94,6 @@ class AdaptReport:
         return self.history[-1] if self.history else None
 
 
-
-
-
 # ------------------------------------------------------------------------------------------ schedule
 def cosine_factor(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
     if warmup and step < warmup:
@@ -135,10 +132,6 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
-
-
-
-
 
 
 def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
@@ -331,4 +324,3 @@ class _Bar:
 
     def close(self) -> None:
         self.progress.stop()
-

@@ -56,7 +56,6 @@ def default_branches(kernel: Pair, dilation: Pair) -> tuple[AtrousKernel, Atrous
     return AtrousKernel(tuple(a_kernel), tuple(a_dil)), AtrousKernel(tuple(b_kernel), tuple(b_dil))
 
 
-
 @dataclass(frozen=True)
 class _BranchCall:
     pre_pads: Pads | None
