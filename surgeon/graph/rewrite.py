@@ -199,23 +199,15 @@ def apply_decisions(model: nn.Module, analysis: Analysis, recipe: Recipe,
     return model
 
 
-def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that methods' layers train (quadratic ``weight_a``/``weight_b``, linear ``weight_delta``, ...)."""
-    names = {id(param): name for name, param in model.named_parameters()}
-    found = []
+def set_trainable(model: nn.Module, recipe: Recipe) -> None:
+    """Freeze everything, then unfreeze what each method's layers train and the recipe's ``trainable`` globs."""
+    for param in model.parameters():
+        param.requires_grad_(False)
     for module in model.modules():
         method = method_of(module)
         if method is not None:
-            found.extend((names[id(param)], param) for param in method.trainable(module) if id(param) in names)
-    return found
-
-
-def set_trainable(model: nn.Module, recipe: Recipe) -> None:
-    """Freeze everything, then unfreeze adapters, requested biases and the recipe's ``trainable`` globs."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, param in adapter_parameters(model):
-        param.requires_grad_(True)
+            for param in method.trainable(module):
+                param.requires_grad_(True)
     names = [name for name, _ in model.named_parameters()]
     for pattern in recipe.trainable:
         hits = [n for n in names if match_pattern(pattern, n)]

@@ -20,7 +20,7 @@ from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.io.atomic import staged_directory
 from surgeon.io.checkpoint import read_state_dict, sha256_file
 from surgeon.io.converted import finish_loaded, reconvert
-from surgeon.io.layout import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FORMAT_ADAPTER, json_safe
+from surgeon.io.layout import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FORMAT_ADAPTER, json_safe, verified_weights
 from surgeon.ops.memory_format import model_memory_format
 from surgeon.version import __version__
 
@@ -89,12 +89,7 @@ def load_adapter(directory: Path, model: nn.Module | None, verify: bool, load_ba
     recipe, with the saved adapter tensors loaded over it."""
     config = adapter_config(directory)
     section = config["surgeon"]
-    weights = directory / ADAPTER_WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: adapter weights {ADAPTER_WEIGHTS_NAME} are missing")
-    if verify and section.get("weights_sha256") and sha256_file(weights) != section["weights_sha256"]:
-        raise CheckpointError(f"{weights}: SHA-256 does not match {ADAPTER_CONFIG_NAME} (file changed or corrupt); "
-                              "use --no-verify / verify=False to load it anyway")
+    weights = verified_weights(directory, section, verify, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
     base = model if model is not None else _base_model(config, directory, load_base)
     classes = (config.get("model_args") or {}).get("num_classes")
     if classes is not None and getattr(base, "num_classes", classes) != classes and hasattr(base, "reset_classifier"):

@@ -119,13 +119,16 @@ def read_artifact_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def verified_weights(directory: Path, section: dict[str, Any], verify: bool) -> Path:
-    weights = directory / str(section.get("weights_file", WEIGHTS_NAME))
+def verified_weights(directory: Path, section: dict[str, Any], verify: bool, config_name: str = CONFIG_NAME,
+                     weights_name: str = WEIGHTS_NAME) -> Path:
+    """The weights file a config's ``surgeon`` section names (``weights_name`` if it names none), checked against
+    the SHA-256 that ``config_name`` records."""
+    weights = directory / str(section.get("weights_file", weights_name))
     if not weights.is_file():
         raise CheckpointError(f"{directory}: weights file {weights.name} is missing")
     expected = section.get("weights_sha256")
     if verify and expected and sha256_file(weights) != expected:
-        raise CheckpointError(f"{weights}: SHA-256 does not match config.json (file changed or corrupt); "
+        raise CheckpointError(f"{weights}: SHA-256 does not match {config_name} (file changed or corrupt); "
                               "use --no-verify / verify=False to load it anyway")
     return weights
 
