@@ -126,13 +126,19 @@ def test_functional_and_method_forms(seeded):
     ]:
         kwargs = {"approximate": "tanh"} if op == "gelu" else {}
         grad = torch.randn(2, 5, 7)
-        got = quantized_call(x, target, op, params, 4, 128, *args, **kwargs)
         want = reference(x)
-        assert torch.equal(got, want)
-        (got_grad,) = torch.autograd.grad(got, x, grad)
         (want_grad,) = torch.autograd.grad(want, x, grad)
-        assert cosine(got_grad, want_grad) >= 0.98, op
-        assert not torch.equal(got_grad, want_grad), op  # the quantized backward ran, not torch's own
+        grads = []
+        for reuse_input in (False, True):  # computed into a fresh input where the op has an in-place form
+            fresh = x * 1.0
+            got = quantized_call(fresh, target, op, params, 4, 128, reuse_input, *args, **kwargs)
+            assert torch.equal(got, want)
+            assert (got.data_ptr() == fresh.data_ptr()) == (reuse_input and op != "softmax"), op
+            (got_grad,) = torch.autograd.grad(got, x, grad)
+            assert cosine(got_grad, want_grad) >= 0.98, op
+            assert not torch.equal(got_grad, want_grad), op  # the quantized backward ran, not torch's own
+            grads.append(got_grad)
+        assert torch.equal(grads[0], grads[1]), op
 
 
 @pytest.mark.parametrize("input_bits", [32, 8])

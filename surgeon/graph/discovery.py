@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 
 from surgeon.graph.census import Census, take_census
-from surgeon.graph.nodes import functional_nodes, functional_site_path, gate_nodes, matmul_nodes
+from surgeon.graph.nodes import functional_nodes, functional_site_path, gate_nodes, input_reusable, matmul_nodes
 from surgeon.graph.tracing import trace_model, trace_owner
 from surgeon.methods.base import Site
 from surgeon.methods.registry import built_types
@@ -141,7 +141,10 @@ def discover(model: nn.Module, example_input: torch.Tensor | None) -> Analysis:
 def _module_sites(model: nn.Module, graph: torch.fx.Graph | None, census: Census, paths: dict[int, list[str]],
                   modules_by_path: dict[str, nn.Module]) -> list[Site]:
     """Sites reached through the module tree: one per module object, with every path it has."""
-    call_module_targets = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
+    module_calls: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "call_module":
+            module_calls[node.target].append(node)  # type: ignore[index]
     surgeon_layers = built_types()
     sites: list[Site] = []
     seen: set[int] = set()
@@ -153,7 +156,8 @@ def _module_sites(model: nn.Module, graph: torch.fx.Graph | None, census: Census
         if target is None or _inside_surgeon_layer(path, modules_by_path):
             continue
         aliases = paths[id(module)]
-        access = "call_module" if any(a in call_module_targets for a in aliases) else "module_tree"
+        calls = [node for alias in aliases for node in module_calls.get(alias, ())]
+        access = "call_module" if calls else "module_tree"
         record = census.record(module)
         op = {"depthwise_conv": "conv2d", "conv": "conv2d", "norm": norm_op(module)}.get(target) or module_op(module)
         site = Site(path=path, target=target, op=op or "",
@@ -168,6 +172,7 @@ def _module_sites(model: nn.Module, graph: torch.fx.Graph | None, census: Census
                 site.spec = spec_from_module(module)
             except UnsupportedCall as exc:
                 site.blocker = str(exc)
+            site.input_reusable = bool(calls) and all(input_reusable(n, model) for n in calls)
         sites.append(site)
     return sites
 
@@ -183,6 +188,7 @@ def _graph_sites(model: nn.Module, graph: torch.fx.Graph, modules_by_path: dict[
             continue
         traced_owners.add(owner)
         site = _functional_site(node.op, owner, op, occurrence, owner_module)
+        site.input_reusable = input_reusable(node, model)
         try:
             site.spec = _spec_of_node(node, op)
         except UnsupportedCall as exc:

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from surgeon.methods.s2a.activation import QuantizedActivation
@@ -45,6 +46,24 @@ def _node_op(node: torch.fx.Node) -> str | None:
     if node.op == "call_method":
         return METHODS.get(node.target)  # type: ignore[arg-type]
     return None
+
+
+# calls whose result is a new tensor, never a view of an argument, and whose backward does not read that result
+_FRESH_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+                  nn.GroupNorm)
+_FRESH_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.layer_norm, F.batch_norm, F.group_norm, torch.matmul,
+                    operator.matmul, torch.bmm, torch.addmm)
+
+
+def input_reusable(node: torch.fx.Node, root: nn.Module) -> bool:
+    """Whether the call ``node`` may overwrite its first argument: the argument is made by a linear, conv, norm or
+    matmul (a new tensor, not a view, not read by its maker's backward) and nothing else in the graph reads it."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node) or len(source.users) != 1:
+        return False
+    if source.op == "call_module":
+        return type(root.get_submodule(source.target)) in _FRESH_MODULES  # type: ignore[arg-type]
+    return source.op == "call_function" and source.target in _FRESH_FUNCTIONS
 
 
 def functional_nodes(graph: torch.fx.Graph, owner_filter: str | None = None

@@ -59,6 +59,8 @@ class Site:
     spec: ActivationSpec | None = None
     blocker: str = ""  # why this site cannot be replaced, should a rule want it
     detail: Any = None  # what the graph layer found about a functional site (e.g. which operand is a gate)
+    # the site's input is a new tensor nothing else reads (an activation may compute into it)
+    input_reusable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {

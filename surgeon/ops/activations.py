@@ -185,3 +185,34 @@ def spec_from_module(module: nn.Module) -> ActivationSpec:
             raise UnsupportedCall("nn.Softmax without an explicit dim")
         return ActivationSpec(op, (("dim", int(module.dim)),))
     return ActivationSpec(op)
+
+
+# ------------------------------------------------------------------------------------------ in-place forms
+def _gelu_into_input(approximate: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    # ATen has no gelu_; its out= form writes each element after reading it, so the input can be the output
+    return lambda t: torch.ops.aten.gelu.out(t, approximate=approximate, out=t)
+
+
+def inplace_forward(spec: ActivationSpec) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The op computed into its own input (the same ATen kernel as the out-of-place call, so the same values), or
+    None where the op has none (softmax, attention): lets a training forward skip an output-sized allocation when
+    nothing else reads the input."""
+    op = spec.op
+    if op == "relu":
+        return torch.relu_
+    if op == "relu6":
+        return lambda t: F.relu6(t, inplace=True)
+    if op == "leaky_relu":
+        return lambda t: F.leaky_relu(t, spec.param("negative_slope"), inplace=True)
+    if op == "hardtanh":
+        return lambda t: F.hardtanh(t, spec.param("min_val"), spec.param("max_val"), inplace=True)
+    if op == "gelu":
+        return _gelu_into_input(spec.param("approximate", "none"))
+    if op in ("silu", "hardswish", "hardsigmoid", "mish"):
+        function = getattr(F, op)
+        return lambda t: function(t, inplace=True)
+    if op == "sigmoid":
+        return torch.sigmoid_
+    if op == "tanh":
+        return torch.tanh_
+    return None

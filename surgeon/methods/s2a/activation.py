@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.ops.activations import FUNCTION_KEYS, ActivationSpec
+from surgeon.ops.activations import FUNCTION_KEYS, ActivationSpec, inplace_forward
 from surgeon.ops.coded_gradient import coded_product, flat_in_order, storage_order
 from surgeon.ops.derivative_codebook import ready_codebook
 from surgeon.ops.precision import grad_as
@@ -88,7 +88,7 @@ def _codebook_name(spec: ActivationSpec) -> str:
 class _QuantizedActivationFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor],
-                spec: ActivationSpec, bits: int, group_size: int) -> torch.Tensor:
+                spec: ActivationSpec, bits: int, group_size: int, reuse_input: bool = False) -> torch.Tensor:
         ctx.spec, ctx.bits, ctx.shape, ctx.dtype = spec, bits, x.shape, x.dtype
         ctx.order = storage_order(x)
         family = spec.family
@@ -96,11 +96,18 @@ class _QuantizedActivationFn(torch.autograd.Function):
             saved = (pack_mask(x, spec, ctx.order),)
         elif family == "derivative":
             saved = (pack_codes(x, ready_codebook(_codebook_name(spec), bits), bits, ctx.order),)
-        y = forward_fn(x)
-        # compiled code has no data pointers; there, an in-place op returns its input object
-        if y is x or (not torch.compiler.is_compiling() and y.data_ptr() == x.data_ptr() and y.shape == x.shape):
-            ctx.mark_dirty(x)
-            y = x
+        if reuse_input:
+            # nothing else reads x (the graph said so): write into its storage and return a new alias of it.
+            # Marking x dirty instead would, for x a view (a Linear's output on 3-D input is one), make autograd
+            # route the gradient through a copy of the whole base.
+            y = forward_fn(x.detach()).detach()
+        else:
+            y = forward_fn(x)
+            # compiled code has no data pointers; there, an in-place op returns its input object
+            if y is x or (not torch.compiler.is_compiling() and y.data_ptr() == x.data_ptr()
+                          and y.shape == x.shape):
+                ctx.mark_dirty(x)
+                y = x
         if family == "output":
             if spec.op == "softmax":
                 dim = spec.param("dim") % y.dim()
@@ -136,7 +143,7 @@ class _QuantizedActivationFn(torch.autograd.Function):
             else:
                 y = rows.reshape(-1)[:numel].view(ctx.shape)
                 grad_in = grad * (y * (1 - y) if spec.op == "sigmoid" else 1 - y * y)
-        return grad_as(grad_in, ctx.dtype), None, None, None, None
+        return grad_as(grad_in, ctx.dtype), None, None, None, None, None
 
 
 def prepare(spec: ActivationSpec, bits: int) -> None:
@@ -146,10 +153,16 @@ def prepare(spec: ActivationSpec, bits: int) -> None:
 
 
 def quantized_apply(x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.Tensor], spec: ActivationSpec,
-                    bits: int, group_size: int, inplace: bool = False) -> torch.Tensor:
-    """Run ``forward_fn(x)``; if a backward will follow, keep only the low-bit tensors for it."""
+                    bits: int, group_size: int, inplace: bool = False, reuse_input: bool = False) -> torch.Tensor:
+    """Run ``forward_fn(x)``; if a backward will follow, keep only the low-bit tensors for it.
+
+    ``reuse_input``: nothing else reads ``x`` (the graph says so), so a training forward computes into it - the
+    same kernel, hence the same values - instead of allocating an output beside it."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return forward_fn(x)
+    into_input = inplace_forward(spec) if reuse_input and not inplace and not torch.compiler.is_compiling() else None
+    if into_input is not None:
+        return _QuantizedActivationFn.apply(x, into_input, spec, bits, group_size, True)
     if inplace and torch.compiler.is_compiling():
         # a compiled autograd function cannot mark its input dirty (a graph break per site): compute out of place,
         # then write into ``x`` as the in-place op would have
@@ -161,26 +174,31 @@ def quantized_apply(x: torch.Tensor, forward_fn: Callable[[torch.Tensor], torch.
 class QuantizedActivation(nn.Module):
     """Drop-in replacement for an activation module; ``original`` is kept and computes the forward."""
 
-    def __init__(self, original: nn.Module, spec: ActivationSpec, bits: int = 4, group_size: int = 128) -> None:
+    def __init__(self, original: nn.Module, spec: ActivationSpec, bits: int = 4, group_size: int = 128,
+                 reuse_input: bool = False) -> None:
         super().__init__()
         self.original = original
         self.spec = spec
         self.bits = bits
         self.group_size = group_size
+        self.reuse_input = reuse_input
         prepare(spec, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with inside_replacement():
             return quantized_apply(x, self.original, self.spec, self.bits, self.group_size,
-                                   inplace=getattr(self.original, "inplace", False) is True)
+                                   inplace=getattr(self.original, "inplace", False) is True,
+                                   reuse_input=self.reuse_input)
 
     def extra_repr(self) -> str:
-        return f"op={self.spec.op}, bits={1 if self.spec.family == 'mask' else self.bits}"
+        return (f"op={self.spec.op}, bits={1 if self.spec.family == 'mask' else self.bits}"
+                + (", reuse_input=True" if self.reuse_input else ""))
 
 
 def quantized_call(x: torch.Tensor, target: str, op: str, params: tuple[tuple[str, Any], ...], bits: int,
-                   group_size: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Functional site after rewriting: ``target`` is a function key of ``FUNCTION_KEYS`` or ``"method:name"``.
+                   group_size: int, reuse_input: bool, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Functional site after rewriting: ``target`` is a function key of ``FUNCTION_KEYS`` or ``"method:name"``;
+    ``reuse_input`` as in :func:`quantized_apply`.
 
     Only strings, numbers and tuples are passed so the rewritten GraphModule's generated code stays plain.
     """
@@ -199,7 +217,8 @@ def quantized_call(x: torch.Tensor, target: str, op: str, params: tuple[tuple[st
             return fn(t, *args, **kwargs)
 
     with inside_replacement():
-        return quantized_apply(x, forward_fn, ActivationSpec(op, params), bits, group_size, inplace=inplace)
+        return quantized_apply(x, forward_fn, ActivationSpec(op, params), bits, group_size, inplace=inplace,
+                               reuse_input=reuse_input)
 
 
 torch.fx.wrap("quantized_call")

@@ -21,7 +21,7 @@ from surgeon.methods.s2a.gate import gated_multiply
 from surgeon.methods.s2a.matmul import quantized_matmul
 from surgeon.methods.s2a.variants import FrozenBatchNorm, InputFreeConv, QuantizedLayerNorm
 from surgeon.methods.variant import VariantMethod, make_variant
-from surgeon.ops.activations import FUNCTION_KEY_OF, ActivationSpec
+from surgeon.ops.activations import FUNCTION_KEY_OF, MODULES, ActivationSpec
 
 Replacement = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -66,8 +66,10 @@ class QuantizedActivationMethod(Method):
 
     def build(self, site: Site, options: Options, module: nn.Module) -> nn.Module:
         assert site.spec is not None
+        # the in-place form computes what the module's own forward computes only for the registered classes
         return QuantizedActivation(module, site.spec, bits=activation_bits(options, site.spec),
-                                   group_size=options["group_size"])
+                                   group_size=options["group_size"],
+                                   reuse_input=site.input_reusable and type(module) in MODULES)
 
     def call(self, site: Site, options: Options, node: torch.fx.Node) -> Replacement:
         assert site.spec is not None
@@ -78,7 +80,7 @@ class QuantizedActivationMethod(Method):
         kept_bits = activation_bits(options, site.spec)
         prepare(site.spec, kept_bits)
         return quantized_call, (node.args[0], target, site.op, site.spec.params, kept_bits, options["group_size"],
-                                *node.args[1:]), dict(node.kwargs)
+                                site.input_reusable, *node.args[1:]), dict(node.kwargs)
 
     def merge(self, module: nn.Module) -> nn.Module:
         assert isinstance(module, QuantizedActivation)
