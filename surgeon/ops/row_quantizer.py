@@ -32,17 +32,24 @@ class QuantizedRows:
 
 
 def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) -> QuantizedRows:
-    """Quantize every row of a 2-D tensor to ``2**bits`` levels between its min and max (round to nearest).
+    """Quantize every row of a tensor (its last dim; any leading dims, in any strides) to ``2**bits`` levels between
+    the row's min and max (round to nearest). The codes are packed in the rows' logical order, so a permuted
+    tensor (attention's ``q``/``k``/``v``) is not copied into a matrix first.
 
     ``nonnegative`` rows (probabilities) use 0 as the lower end and store no offset. Non-finite values do not
     spoil their row: the range is that of the row's finite values, +inf saturates at the top code, -inf and NaN
     take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way)."""
-    rows, width = matrix.shape
+    width = matrix.shape[-1]
+    rows = matrix.numel() // max(width, 1)
     levels = 2**bits - 1
+    if matrix.dim() != 2:
+        flat = _as_matrix(matrix)
+        if flat is not None or matrix.is_cuda:  # the CUDA kernel reads a matrix: copy only there
+            matrix = flat if flat is not None else matrix.reshape(rows, width)
     # row ends in the input's own dtype (exact), then fp32: no fp32 copy of a half-precision matrix (amax and amin
     # separately: torch.aminmax is several times slower on the CPU)
-    high = matrix.amax(dim=1, keepdim=True).float()
-    low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=1, keepdim=True).float()
+    high = matrix.amax(dim=-1, keepdim=True).float().reshape(rows, 1)
+    low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=-1, keepdim=True).float().reshape(rows, 1)
     # compiled graphs take the finite-only range unconditionally (no data-dependent branch; fused anyway)
     if torch.compiler.is_compiling() or not bool(torch.isfinite(high).all() and torch.isfinite(low).all()):
         low, high = _finite_range(matrix, nonnegative)
@@ -56,14 +63,23 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 
+def _as_matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as a ``[rows, last dim]`` view, or None where that needs a copy."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ends over finite values only (0 for a row with none). Only runs when a row holds a non-finite
     value; the packer then saturates ±inf and sends NaN to code 0."""
+    rows = values.numel() // max(values.shape[-1], 1)
     finite = torch.isfinite(values)
-    high = values.masked_fill(~finite, -math.inf).amax(dim=1, keepdim=True).float()
-    low = high.new_zeros(values.shape[0], 1) if nonnegative else \
-        values.masked_fill(~finite, math.inf).amin(dim=1, keepdim=True).float()
-    empty = ~finite.any(dim=1, keepdim=True)
+    high = values.masked_fill(~finite, -math.inf).amax(dim=-1, keepdim=True).float().reshape(rows, 1)
+    low = high.new_zeros(rows, 1) if nonnegative else \
+        values.masked_fill(~finite, math.inf).amin(dim=-1, keepdim=True).float().reshape(rows, 1)
+    empty = ~finite.any(dim=-1, keepdim=True).reshape(rows, 1)
     high = high.masked_fill(empty, 0.0)
     low = low.masked_fill(empty, 0.0)
     return low, high

@@ -113,7 +113,7 @@ class _QuantizedActivationFn(torch.autograd.Function):
                 dim = spec.param("dim") % y.dim()
                 moved = y.movedim(dim, -1)
                 ctx.moved_shape = moved.shape
-                rows = moved.reshape(-1, moved.shape[-1])
+                rows = moved  # rows along the softmax dim, quantized without a copy
             else:
                 rows = as_groups(y, group_size)
             q = quantize_rows(rows, bits, nonnegative=spec.op == "softmax")

@@ -69,12 +69,11 @@ class _QuantizedAttentionFn(torch.autograd.Function):
             dropped = probs * keep / (1 - dropout_p)
             saved_mask = (bitpack.pack(keep, 1),)
         out = dropped @ v
-        quantized = quantize_rows(probs.reshape(-1, probs.shape[-1]), bits, nonnegative=True)
+        quantized = quantize_rows(probs, bits, nonnegative=True)
         ctx.rows, ctx.width = quantized.rows, quantized.width
         ctx.input_bits, ctx.input_shapes, ctx.input_dtype = input_bits, (q.shape, k.shape, v.shape), q.dtype
         if input_bits < 32:  # q, k, v kept per row (one token of one head) at input_bits
-            kept = [t for x in (q, k, v) for t in quantize_rows(x.detach().reshape(-1, x.shape[-1]),
-                                                                  input_bits).tensors()]
+            kept = [t for x in (q, k, v) for t in quantize_rows(x.detach(), input_bits).tensors()]
         else:
             kept = [q, k, v]
         ctx.save_for_backward(*kept, *quantized.tensors(), *saved_mask)

@@ -28,7 +28,7 @@ def _row_major(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def _keep(t: torch.Tensor, bits: int, nonnegative: bool) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
     rows, transposed = _row_major(t.detach())
-    quantized = quantize_rows(rows.reshape(-1, rows.shape[-1]), bits, nonnegative=nonnegative)
+    quantized = quantize_rows(rows, bits, nonnegative=nonnegative)  # no copy of a permuted operand
     return quantized.tensors(), (rows.shape, transposed, quantized.rows, quantized.width, bits, t.dtype)
 
 

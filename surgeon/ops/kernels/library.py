@@ -66,32 +66,45 @@ def _(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: 
 @torch.library.custom_op("surgeon::rows_pack", mutates_args=())
 def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-packed ``round((row - offset) / step)`` clamped to ``[0, 2**bits - 1]`` per row (offset None: 0);
-    +inf takes the top code, -inf and NaN code 0."""
+    +inf takes the top code, -inf and NaN code 0. Rows are along the last dim of ``rows``, which may have leading
+    dims in any strides (codes in logical order); ``offset`` and ``step`` are ``[rows, 1]``."""
+    # per-row ends broadcast against chunks of ``rows`` taken along its first dim
+    lead = rows.shape[:-1]
+    offset_rows = offset.view(*lead, 1) if offset is not None else None
+    step_rows = step.view(*lead, 1)
 
     def codes(first: int, last: int) -> torch.Tensor:
-        values = rows[first:last].float()
-        # one fp32 temporary, updated in place (a division, not a multiply by 1/step: the kernel divides too)
-        shifted = values.sub(offset[first:last]) if offset is not None else values.div(step[first:last])
-        if offset is not None:
-            shifted.div_(step[first:last])
+        values = rows[first:last]
+        # one fp32 temporary in logical order (whatever the strides of ``rows``), updated in place (a division, not
+        # a multiply by 1/step: the kernel divides too)
+        shifted = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+        if offset_rows is not None:
+            torch.sub(values, offset_rows[first:last], out=shifted).div_(step_rows[first:last])
+        else:
+            torch.div(values, step_rows[first:last], out=shifted)
         return shifted.round_().clamp_(0, 2**bits - 1).nan_to_num_(0.0).to(torch.uint8)  # NaN -> code 0
 
     def torch_route() -> torch.Tensor:
-        count, width = rows.shape
-        # whole rows per chunk, a multiple of 8 of them so every chunk starts on a byte
-        per_chunk = count if torch.compiler.is_compiling() else max(8, bitpack.CHUNK_ELEMENTS // max(width, 1) // 8 * 8)
-        if per_chunk >= count:
-            return bitpack.pack(codes(0, count), bits)
         per_byte = 8 // bits
+        first_dim = rows.shape[0] if rows.dim() else 1
+        inner = rows.numel() // max(first_dim, 1)  # elements per index of the first dim
+        # whole first-dim slices per chunk, each chunk starting on a byte
+        per_chunk = max(1, bitpack.CHUNK_ELEMENTS // max(inner, 1))
+        while (per_chunk * inner) % per_byte:
+            per_chunk += 1
+        if torch.compiler.is_compiling() or rows.dim() < 2 or per_chunk >= first_dim:
+            return bitpack.pack(codes(0, first_dim), bits)
         out = rows.new_empty(bitpack.packed_numel(rows.numel(), bits), dtype=torch.uint8)
-        for first in range(0, count, per_chunk):
-            last = min(first + per_chunk, count)
+        for first in range(0, first_dim, per_chunk):
+            last = min(first + per_chunk, first_dim)
             chunk = codes(first, last)
-            out[first * width // per_byte:(last * width + per_byte - 1) // per_byte] = (
+            out[first * inner // per_byte:(last * inner + per_byte - 1) // per_byte] = (
                 chunk.view(-1) if bits == 8 else bitpack.pack(chunk, bits))  # 8-bit codes are their own packing
         return out
 
-    packed = cuda_kernels.rows_pack(rows, offset, step, bits, torch_route) if cuda_kernels.usable(rows) else None
+    packed = None
+    if cuda_kernels.usable(rows) and rows.dim() == 2:
+        packed = cuda_kernels.rows_pack(rows, offset, step, bits, torch_route)
     return packed if packed is not None else torch_route()
 
 

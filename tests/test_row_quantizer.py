@@ -1,0 +1,54 @@
+"""Rows along the last dim of a tensor in any strides: the same codes as the rows of its contiguous copy, without
+making that copy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from surgeon.ops import bitpack
+from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+from surgeon.train.memory import peak_memory
+
+
+def _attention_operand(batch: int = 4, tokens: int = 50, heads: int = 3, dim: int = 16) -> torch.Tensor:
+    """``q`` as attention code makes it: a permuted slice of one qkv projection (not viewable as a matrix)."""
+    qkv = torch.randn(batch, tokens, 3, heads, dim) * 3
+    return qkv.permute(2, 0, 3, 1, 4)[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("chunk", [bitpack.CHUNK_ELEMENTS, 200])  # one chunk; chunks of whole first-dim slices
+def test_strided_rows_match_the_contiguous_matrix(seeded, monkeypatch, bits, chunk):
+    monkeypatch.setattr(bitpack, "CHUNK_ELEMENTS", chunk)
+    q = _attention_operand()
+    q[1, 2, 7, 3] = math.inf
+    q[0, 0, 5, 1] = math.nan
+    assert not q.is_contiguous()
+    got = quantize_rows(q, bits)
+    want = quantize_rows(q.contiguous().view(-1, q.shape[-1]), bits)
+    assert (got.rows, got.width) == (want.rows, want.width) == (4 * 3 * 50, 16)
+    for a, b in zip(got.tensors(), want.tensors(), strict=True):
+        assert torch.equal(a, b)
+    restored = dequantize_rows(*got.tensors(), got.rows, got.width, bits, torch.float32).view(q.shape)
+    finite = torch.isfinite(q)
+    step = got.step.view(*q.shape[:-1], 1).expand_as(q)
+    assert ((restored - q).abs() <= step / 2 + 1e-6)[finite].all()
+
+
+def test_nonnegative_strided_rows(seeded):
+    probs = torch.softmax(torch.randn(4, 3, 40, 40), dim=-1).transpose(-2, -1).transpose(-2, -1)[:, :, ::2]
+    got = quantize_rows(probs, 4, nonnegative=True)
+    want = quantize_rows(probs.contiguous().view(-1, 40), 4, nonnegative=True)
+    assert torch.equal(got.packed, want.packed) and torch.equal(got.step, want.step)
+
+
+def test_no_copy_of_a_permuted_operand(seeded):
+    q = _attention_operand(batch=32, tokens=197, heads=6, dim=64)  # ViT-S at batch 32: 2.4 M elements
+    fp32_bytes = q.numel() * 4
+    rise = peak_memory(lambda: quantize_rows(q, 8), [q]).rise
+    # the 1-byte codes and one chunk's fp32 temporaries (a chunk is at most 4 MB), never a full fp32 copy
+    assert rise < q.numel() + 2 * 4 * bitpack.CHUNK_ELEMENTS + fp32_bytes // 4
+    assert rise < fp32_bytes
