@@ -195,3 +195,25 @@ def test_attention_fp16_scores_that_overflow_unscaled_match_the_fused_op(seeded)
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1:])
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)
     assert cosine(want[3].float(), got[3].float()) >= 0.99  # value gradient (q, k ones are ~1e-6 here)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("low, high", [(0.0, 6.0), (0.0, math.inf), (-3.0, 3.0)])
+@pytest.mark.parametrize("chunk", [bitpack.CHUNK_ELEMENTS, 64])
+def test_numpy_mask_packing_matches_the_torch_packing(seeded, monkeypatch, dtype, low, high, chunk):
+    """The CPU's numpy route for 1-bit masks gives the bits of the torch route, edges and non-finite values
+    included, whatever the chunking and a length that is not a multiple of 8."""
+    monkeypatch.setattr(bitpack, "CHUNK_ELEMENTS", chunk)
+    x = (torch.randn(1001) * 5).to(dtype)
+    x[:8] = torch.tensor([low, high if math.isfinite(high) else 1e30, math.nan, math.inf, -math.inf, -0.0, 0.0,
+                          6.0], dtype=dtype)
+    got = bitpack.pack_interval_mask(x, low, high)
+    assert got is not None and got.dtype == torch.uint8
+    inside = x > low if high == math.inf else (x > low) & (x < high)
+    assert torch.equal(got, bitpack.pack(inside, 1))
+    assert torch.equal(bitpack.unpack(got, 1, x.numel()).bool(), inside)
+
+
+def test_numpy_mask_packing_declines_what_it_does_not_handle():
+    assert bitpack.pack_interval_mask(torch.randn(64).half(), 0.0, 6.0) is None
+    assert bitpack.pack_interval_mask(torch.randn(8, 8), 0.0, 6.0) is None

@@ -52,3 +52,33 @@ def test_no_copy_of_a_permuted_operand(seeded):
     # the 1-byte codes and one chunk's fp32 temporaries (a chunk is at most 4 MB), never a full fp32 copy
     assert rise < q.numel() + 2 * 4 * bitpack.CHUNK_ELEMENTS + fp32_bytes // 4
     assert rise < fp32_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_in_their_own_range_skip_nothing_that_matters(seeded, dtype):
+    """Rows whose ends are their own min and max take the short route (no clamp, no NaN pass): the codes equal the
+    full route's, the extreme values included."""
+    from surgeon.ops.kernels import library as kernel_ops
+
+    rows = (torch.randn(64, 300) * torch.logspace(-3, 3, 64).unsqueeze(1)).to(dtype)
+    rows[3] = 7.0  # a constant row
+    q = quantize_rows(rows, 8)
+    full = kernel_ops.rows_pack(rows, q.offset, q.step, 8, False)
+    assert torch.equal(q.packed, full)
+    assert torch.equal(kernel_ops.rows_pack(rows, q.offset, q.step, 8, True), full)
+    codes = q.packed.view(64, 300)
+    assert (codes.amax(dim=1)[torch.arange(64) != 3] == 255).all() and (codes.amin(dim=1) == 0).all()
+
+
+def test_a_range_beyond_float32_takes_the_clamped_route():
+    rows = torch.tensor([[-3e38, 3e38, 0.0, 1.0]])
+    q = quantize_rows(rows, 8)
+    assert torch.isinf(q.step).all()
+    assert torch.equal(q.packed, torch.zeros(4, dtype=torch.uint8))  # inf/inf = NaN -> code 0, as the kernel does
+
+
+def test_codes_to_uint8_is_the_plain_cast():
+    values = torch.arange(256, dtype=torch.float32).repeat(3)
+    assert torch.equal(bitpack.codes_to_uint8(values), values.to(torch.uint8))
+    assert torch.equal(bitpack.codes_to_uint8(values.double()[::2]), values[::2].to(torch.uint8))  # strided
+    assert torch.equal(bitpack.codes_to_uint8(values.half()), values.to(torch.uint8))  # torch's own route

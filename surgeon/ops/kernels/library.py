@@ -30,7 +30,8 @@ def mask_pack(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
         return t > low if high == float("inf") else (t > low).logical_and_(t < high)
 
     def torch_route() -> torch.Tensor:
-        return bitpack.pack_by_chunks(x, 1, in_interval)
+        packed = bitpack.pack_interval_mask(x, low, high)
+        return packed if packed is not None else bitpack.pack_by_chunks(x, 1, in_interval)
 
     packed = cuda_kernels.mask_pack(x, low, high, torch_route) if cuda_kernels.usable(x) else None
     return packed if packed is not None else torch_route()
@@ -64,10 +65,13 @@ def _(x: torch.Tensor, cell_codes: torch.Tensor, low: float, step: float, bits: 
 
 # ------------------------------------------------------------------------------------------ per-row codes
 @torch.library.custom_op("surgeon::rows_pack", mutates_args=())
-def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
+def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int,
+              in_range: bool = False) -> torch.Tensor:
     """Bit-packed ``round((row - offset) / step)`` clamped to ``[0, 2**bits - 1]`` per row (offset None: 0);
     +inf takes the top code, -inf and NaN code 0. Rows are along the last dim of ``rows``, which may have leading
-    dims in any strides (codes in logical order); ``offset`` and ``step`` are ``[rows, 1]``."""
+    dims in any strides (codes in logical order); ``offset`` and ``step`` are ``[rows, 1]``. ``in_range``: the
+    caller knows every value is finite and between its row's offset and top (the ends are the row's own min and
+    max), so the clamp and the NaN pass are skipped: they would change nothing."""
     # per-row ends broadcast against chunks of ``rows`` taken along its first dim
     lead = rows.shape[:-1]
     offset_rows = offset.view(*lead, 1) if offset is not None else None
@@ -82,7 +86,9 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
             torch.sub(values, offset_rows[first:last], out=shifted).div_(step_rows[first:last])
         else:
             torch.div(values, step_rows[first:last], out=shifted)
-        return shifted.round_().clamp_(0, 2**bits - 1).nan_to_num_(0.0).to(torch.uint8)  # NaN -> code 0
+        if in_range:
+            return bitpack.codes_to_uint8(shifted.round_())
+        return bitpack.codes_to_uint8(shifted.round_().clamp_(0, 2**bits - 1).nan_to_num_(0.0))  # NaN -> code 0
 
     def torch_route() -> torch.Tensor:
         per_byte = 8 // bits
@@ -109,7 +115,8 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
 
 
 @rows_pack.register_fake
-def _(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int) -> torch.Tensor:
+def _(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int,
+      in_range: bool = False) -> torch.Tensor:
     return _packed_like(rows, bits)
 
 
