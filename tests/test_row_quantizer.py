@@ -82,3 +82,13 @@ def test_codes_to_uint8_is_the_plain_cast():
     assert torch.equal(bitpack.codes_to_uint8(values), values.to(torch.uint8))
     assert torch.equal(bitpack.codes_to_uint8(values.double()[::2]), values[::2].to(torch.uint8))  # strided
     assert torch.equal(bitpack.codes_to_uint8(values.half()), values.to(torch.uint8))  # torch's own route
+
+
+def test_numpy_routes_allocate_through_torch():
+    """What the numpy routes return is torch-allocated, so peak measurements count it."""
+    x = torch.randn(1 << 22)
+    rise = peak_memory(lambda: bitpack.pack_interval_mask(x, 0.0, 6.0), [x]).rise
+    assert rise >= x.numel() // 8  # the packed output
+    codes = (x.abs() * 10).round().clamp(0, 255)
+    rise = peak_memory(lambda: bitpack.codes_to_uint8(codes), [codes]).rise
+    assert rise >= codes.numel()

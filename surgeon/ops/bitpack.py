@@ -80,9 +80,12 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 def codes_to_uint8(values: torch.Tensor) -> torch.Tensor:
     """A float tensor of whole numbers in ``[0, 255]`` as uint8. On the CPU through numpy's cast: torch's
     float-to-uint8 conversion is not vectorised there and was the slowest step of row quantization (about 8x
-    numpy's time); the values are exact either way."""
+    numpy's time); the values are exact either way. The result is allocated by torch, so memory measurements that
+    follow torch's allocator see it."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
-        return torch.from_numpy(values.detach().numpy().astype(np.uint8))
+        out = torch.empty(values.shape, dtype=torch.uint8)
+        np.copyto(out.numpy(), values.detach().numpy(), casting="unsafe")
+        return out
     return values.to(torch.uint8)
 
 
@@ -90,16 +93,19 @@ def pack_interval_mask(values: torch.Tensor, low: float, high: float) -> torch.T
     """1-bit ``low < v < high`` (``high = inf``: no upper bound; NaN -> 0) of a 1-D fp32/fp64 CPU tensor, through
     numpy's comparisons and ``packbits`` a chunk at a time: on the CPU this takes about half the time of torch's
     comparisons into bool tensors plus the multiply-and-shift packing. None for other tensors (the caller packs
-    with torch)."""
+    with torch). Output and scratch are torch tensors, so memory measurements see them."""
     if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64) or values.dim() != 1:
         return None
     source = values.detach().contiguous().numpy()
-    out = np.empty(packed_numel(source.size, 1), dtype=np.uint8)
+    out = torch.empty(packed_numel(source.size, 1), dtype=torch.uint8)
+    scratch = torch.empty(2, min(source.size, CHUNK_ELEMENTS), dtype=torch.bool).numpy()
+    packed = out.numpy()
     for start in range(0, source.size, CHUNK_ELEMENTS):  # CHUNK_ELEMENTS is a multiple of 8: chunks end on bytes
         chunk = source[start:start + CHUNK_ELEMENTS]
+        inside, below = scratch[0, :chunk.size], scratch[1, :chunk.size]
         with np.errstate(invalid="ignore"):
-            inside = np.greater(chunk, low)
+            np.greater(chunk, low, out=inside)
             if high != float("inf"):
-                np.logical_and(inside, np.less(chunk, high), out=inside)
-        out[start // 8:start // 8 + packed_numel(chunk.size, 1)] = np.packbits(inside, bitorder="little")
-    return torch.from_numpy(out)
+                np.logical_and(inside, np.less(chunk, high, out=below), out=inside)
+        packed[start // 8:start // 8 + packed_numel(chunk.size, 1)] = np.packbits(inside, bitorder="little")
+    return out
