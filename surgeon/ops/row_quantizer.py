@@ -51,12 +51,13 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     high = matrix.amax(dim=-1, keepdim=True).float().reshape(rows, 1)
     low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=-1, keepdim=True).float().reshape(rows, 1)
     # compiled graphs take the finite-only range unconditionally (no data-dependent branch; fused anyway)
-    in_range = not nonnegative and not torch.compiler.is_compiling()  # probabilities' 0 is a promise, not a min
-    if torch.compiler.is_compiling() or not bool(torch.isfinite(high).all() and torch.isfinite(low).all()):
+    finite_ends = not torch.compiler.is_compiling() and bool(torch.isfinite(high).all() and torch.isfinite(low).all())
+    if not finite_ends:
         low, high = _finite_range(matrix, nonnegative)
-        in_range = False
     step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    in_range = in_range and bool(torch.isfinite(step).all())  # a range beyond fp32 (±3e38 in one row) is clamped
+    # every value lies between its row's own min and max, so the packer may skip its clamp and NaN passes - not for
+    # probabilities (their 0 is a promise, not a min) nor for a range beyond fp32 (±3e38 in one row)
+    in_range = finite_ends and not nonnegative and bool(torch.isfinite(step).all())
     offset = high.new_zeros(0) if nonnegative else low
     from surgeon.ops.kernels import (
         library as kernel_ops,  # imported here: kernel_ops (through cuda_kernels) imports this module
