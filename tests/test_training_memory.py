@@ -96,15 +96,27 @@ def test_output_coded_activations():
         _check(_activation(op, module), [_image(channels_last=False)], extra_temporaries=2.0)
 
 
-def test_quadratic_conv_backward_holds_at_most_four_full_size_tensors():
-    """Dequantized input, one recomputed branch turned into its gradient and one gradient w.r.t. the input, beside
-    the accumulated input gradient."""
+def _quadratic_layers():
     for kernel, stride, same in ((7, 1, False), (3, 2, True), (5, 1, True)):
         conv = nn.Conv2d(IMAGE[1], IMAGE[1], kernel, stride, kernel // 2, groups=IMAGE[1])
         layer = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, saved_input_bits=8)
         with torch.no_grad():
             layer.weight_a.normal_()
-        params = [layer.weight_a, layer.weight_b]
+        yield layer, [layer.weight_a, layer.weight_b]
+
+
+def test_quadratic_conv_kernel_backward_allocates_only_the_input_gradient():
+    """The CPU kernel reads the 8-bit codes in place and forms every branch per channel plane in cache."""
+    for channels_last in (True, False):
+        for layer, params in _quadratic_layers():
+            _check(layer, [_image(channels_last)], params, extra_temporaries=0.0)
+
+
+def test_quadratic_conv_torch_backward_holds_at_most_four_full_size_tensors(monkeypatch):
+    """The torch route: dequantized input, one recomputed branch turned into its gradient and one gradient w.r.t.
+    the input, beside the accumulated input gradient."""
+    monkeypatch.setenv("SURGEON_DISABLE_CPU_KERNELS", "1")
+    for layer, params in _quadratic_layers():
         # with "same" padding the dequantized input and the gradients w.r.t. it are padded: slightly larger
         _check(layer, [_image()], params, extra_temporaries=3.05)
 

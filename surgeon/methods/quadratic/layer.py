@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.ops.kernels import cpu as cpu_kernels
 from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.padding import Pads, Pair, branch_pads, same_pads, split_pads, static_pads
 from surgeon.ops.precision import autocast_off, cast, compute_dtype, grad_as
@@ -132,6 +133,9 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
     @staticmethod
     def _forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d) -> torch.Tensor:
+        ctx.kernel = _cpu_kernel(ctx, x, weight, weight_a, weight_b, layer)
+        if ctx.kernel is not None:
+            return _forward_cpu_kernel(ctx, x, weight, bias, weight_a, weight_b, layer)
         primary_call, call_a, call_b = layer.branch_calls(x)
         ctx.padded = layer.same_dynamic and primary_call.pre_pads is not None
         if ctx.padded:
@@ -168,6 +172,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.kernel is not None:
+            return _backward_cpu_kernel(ctx, grad)
         layer: QuadraticDepthwiseConv2d = ctx.layer
         primary_call, call_a, call_b = ctx.calls
         if ctx.compressed is not None:
@@ -238,6 +244,112 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
                 accumulate(gx)
             del gx
         return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+# ------------------------------------------------------------------------------------ CPU kernel route
+@dataclass(frozen=True)
+class _KernelGeometry:
+    """What the CPU kernels need to place every tap: pads (top, left) of the primary window, its span, stride,
+    and each kernel's taps as (kh, kw, top, left, dilation h, dilation w) inside the window."""
+
+    pads: list[int]
+    span: list[int]
+    stride: list[int]
+    taps_primary: list[int]
+    taps_a: list[int]
+    taps_b: list[int]
+
+    @classmethod
+    def of(cls, layer: QuadraticDepthwiseConv2d, x: torch.Tensor) -> _KernelGeometry:
+        left, _, top, _ = layer.primary_pads(x)
+        span = conv_span(layer.kernel_size, layer.dilation)
+
+        def taps(branch: AtrousKernel) -> list[int]:
+            rows, cols = _tap_positions(branch, span)
+            return [*branch.kernel, rows.start, cols.start, *branch.dilation]
+
+        return cls([top, left], list(span), list(layer.stride), [*layer.kernel_size, 0, 0, *layer.dilation],
+                   taps(layer.branch_a), taps(layer.branch_b))
+
+
+def _cpu_kernel(ctx: Any, x: torch.Tensor, weight: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                layer: QuadraticDepthwiseConv2d) -> Any | None:
+    """The CPU kernels where they apply: fp32 on the CPU, eager, frozen primary weight (its gradient would need
+    the torch route), branches not kept. None means the torch route."""
+    if (x.device.type != "cpu" or x.dim() != 4 or layer.keep_branches or torch.compiler.is_compiling()
+            or ctx.needs_input_grad[1] or not cpu_kernels.enabled()
+            or any(t.dtype != torch.float32 for t in (x, weight, weight_a, weight_b))):
+        return None
+    return cpu_kernels.module()
+
+
+def _taps_last(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[C*rank, 1, kh, kw]`` weights as ``[rank, taps, C]``: one contiguous channel vector per tap, as the
+    channels-last kernels read them."""
+    channels = weight.shape[0] // rank
+    return weight.reshape(channels, rank, -1).permute(1, 2, 0).contiguous()
+
+
+def _channels_first(grad_t: torch.Tensor, like: torch.Tensor, rank: int) -> torch.Tensor:
+    """Inverse of :func:`_taps_last` for a gradient."""
+    return grad_t.permute(2, 0, 1).reshape(like.shape).contiguous()
+
+
+def _forward_cpu_kernel(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        weight_a: torch.Tensor, weight_b: torch.Tensor, layer: QuadraticDepthwiseConv2d
+                        ) -> torch.Tensor:
+    """The primary conv exactly as the original layer ran it, then the quadratic term added into its output in
+    one pass over ``x`` (no branch or product tensors). ``x`` is kept unpadded, at ``saved_input_bits``. Channels-
+    last inputs take the kernels that vectorize over channels, others those that vectorize along rows."""
+    geometry = _KernelGeometry.of(layer, x)
+    ctx.channels_last = is_channels_last(x)
+    if ctx.channels_last:
+        weights = (_taps_last(weight, 1), _taps_last(weight_a, layer.rank), _taps_last(weight_b, layer.rank))
+        forward_add = ctx.kernel.quadratic_forward_add_nhwc
+    else:
+        weights = (weight.contiguous(), weight_a.contiguous(), weight_b.contiguous())
+        forward_add = ctx.kernel.quadratic_forward_add
+    output = layer.primary_conv(x, weight, bias)
+    forward_add(x.detach(), output, weights[1], weights[2], layer.rank, geometry.stride, geometry.pads,
+                geometry.span, geometry.taps_a, geometry.taps_b)
+    ctx.layer, ctx.geometry, ctx.shape, ctx.compressed = layer, geometry, tuple(x.shape), None
+    if layer.saved_input_bits < 32:
+        kept_x, ctx.compressed = quantize_image(x, layer.saved_input_bits)
+        ctx.save_for_backward(*kept_x, *weights)
+    else:
+        ctx.save_for_backward(x, *weights)
+    return output
+
+
+def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Input and branch-weight gradients in one kernel pass; 8-bit inputs are read as codes (never dequantized
+    into a full-size tensor)."""
+    layer: QuadraticDepthwiseConv2d = ctx.layer
+    geometry: _KernelGeometry = ctx.geometry
+    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    grad = grad.float().contiguous(memory_format=layout)
+    codes = offset = step = x = None
+    if ctx.compressed is None:
+        x, weight, weight_a, weight_b = ctx.saved_tensors
+    else:
+        codes, offset, step, weight, weight_a, weight_b = ctx.saved_tensors
+        if ctx.compressed.bits != 8:
+            x, codes = dequantize_image(codes, offset, step, ctx.compressed), None
+    grad_x = torch.empty(ctx.shape, dtype=torch.float32, memory_format=layout) if need_x else None
+    grad_a = torch.empty_like(weight_a) if need_a else None
+    grad_b = torch.empty_like(weight_b) if need_b else None
+    if need_x or need_a or need_b:
+        common = (list(ctx.shape), weight, weight_a, weight_b, grad_x, grad_a, grad_b, layer.rank, geometry.stride,
+                  geometry.pads, geometry.span, geometry.taps_primary, geometry.taps_a, geometry.taps_b)
+        if ctx.channels_last:
+            ctx.kernel.quadratic_backward_nhwc(grad, x, codes, offset, step, *common)
+            grad_a = _channels_first(grad_a, layer.weight_a, layer.rank) if need_a else None
+            grad_b = _channels_first(grad_b, layer.weight_b, layer.rank) if need_b else None
+        else:
+            ctx.kernel.quadratic_backward(grad, x, codes, offset, step, False, *common)
+    grad_bias = grad.sum(dim=(0, 2, 3)) if need_bias else None
+    return grad_x, None, grad_bias, grad_a, grad_b
 
 
 class QuadraticDepthwiseConv2d(nn.Module):
