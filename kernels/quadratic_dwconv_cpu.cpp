@@ -294,8 +294,11 @@ void fill_tile(const Source& src, int64_t n, int64_t c0, int64_t V, const Geomet
 }
 
 // One output pixel of a branch, channels c0 .. c0+V: out[v] = sum_t w[t][c0+v] * xpad[tap pixel][v].
-inline void branch_pixel(const float* xpad, const Geometry& g, const Taps& t, const float* w, int64_t C,
-                         int64_t c0, int64_t V, int64_t oh, int64_t ow, float* out) {
+// VT: the vector length when known at compile time (a full block), 0 otherwise.
+template <int VT>
+inline void branch_pixel_v(const float* xpad, const Geometry& g, const Taps& t, const float* w, int64_t C,
+                           int64_t c0, int64_t V_, int64_t oh, int64_t ow, float* out) {
+  const int64_t V = VT > 0 ? VT : V_;
   std::fill(out, out + V, 0.f);
   for (int64_t i = 0; i < t.kh; ++i)
     for (int64_t j = 0; j < t.kw; ++j) {
@@ -308,8 +311,11 @@ inline void branch_pixel(const float* xpad, const Geometry& g, const Taps& t, co
 
 // The transposed step at one output pixel: gxpad[tap pixel][v] += w[t][c0+v] * grad[v], and, if asked, each
 // tap's weight-gradient partial sums: acc[t][v] += xpad[tap pixel][v] * grad[v].
-inline void scatter_pixel(const float* xpad, float* gxpad, const Geometry& g, const Taps& t, const float* w,
-                          int64_t C, int64_t c0, int64_t V, int64_t oh, int64_t ow, const float* grad, float* acc) {
+template <int VT>
+inline void scatter_pixel_v(const float* xpad, float* gxpad, const Geometry& g, const Taps& t, const float* w,
+                            int64_t C, int64_t c0, int64_t V_, int64_t oh, int64_t ow, const float* grad,
+                            float* acc) {
+  const int64_t V = VT > 0 ? VT : V_;
   for (int64_t i = 0; i < t.kh; ++i)
     for (int64_t j = 0; j < t.kw; ++j) {
       const int64_t k = i * t.kw + j;
@@ -327,6 +333,22 @@ inline void scatter_pixel(const float* xpad, float* gxpad, const Geometry& g, co
         for (int64_t v = 0; v < V; ++v) as[v] += xs[v] * grad[v];
       }
     }
+}
+
+inline void branch_pixel(const float* xpad, const Geometry& g, const Taps& t, const float* w, int64_t C,
+                         int64_t c0, int64_t V, int64_t oh, int64_t ow, float* out) {
+  if (V == kBlock)
+    branch_pixel_v<kBlock>(xpad, g, t, w, C, c0, V, oh, ow, out);
+  else
+    branch_pixel_v<0>(xpad, g, t, w, C, c0, V, oh, ow, out);
+}
+
+inline void scatter_pixel(const float* xpad, float* gxpad, const Geometry& g, const Taps& t, const float* w,
+                          int64_t C, int64_t c0, int64_t V, int64_t oh, int64_t ow, const float* grad, float* acc) {
+  if (V == kBlock)
+    scatter_pixel_v<kBlock>(xpad, gxpad, g, t, w, C, c0, V, oh, ow, grad, acc);
+  else
+    scatter_pixel_v<0>(xpad, gxpad, g, t, w, C, c0, V, oh, ow, grad, acc);
 }
 
 int64_t channel_blocks(int64_t C) { return (C + kBlock - 1) / kBlock; }
