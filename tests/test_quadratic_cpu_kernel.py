@@ -3,6 +3,8 @@ route and the plain-autograd formula, and the cases that must keep the torch rou
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 
 import pytest
@@ -175,3 +177,14 @@ def test_build_flags_follow_torchs_cpu_capability():
     assert "-mavx2" in cpu_kernels._flags("AVX2")
     assert not any(flag.startswith("-mavx") for flag in cpu_kernels._flags("DEFAULT"))
 
+
+
+def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch):
+    """A venv used without activating it: its ninja binary is not on PATH, the build needs it there."""
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    with cpu_kernels._ninja_on_path():
+        assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    assert os.environ["PATH"] == "/nonexistent"

@@ -303,22 +303,26 @@ def _forward_cpu_kernel(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: t
     last inputs take the kernels that vectorize over channels, others those that vectorize along rows."""
     geometry = _KernelGeometry.of(layer, x)
     ctx.channels_last = is_channels_last(x)
-    if ctx.channels_last:
-        weights = (_taps_last(weight, 1), _taps_last(weight_a, layer.rank), _taps_last(weight_b, layer.rank))
-        forward_add = ctx.kernel.quadratic_forward_add_nhwc
-    else:
-        weights = (weight.contiguous(), weight_a.contiguous(), weight_b.contiguous())
-        forward_add = ctx.kernel.quadratic_forward_add
     output = layer.primary_conv(x, weight, bias)
-    forward_add(x.detach(), output, weights[1], weights[2], layer.rank, geometry.stride, geometry.pads,
-                geometry.span, geometry.taps_a, geometry.taps_b)
+    forward_add = ctx.kernel.quadratic_forward_add_nhwc if ctx.channels_last else ctx.kernel.quadratic_forward_add
+    forward_add(x.detach(), output, *_kernel_weights(ctx, weight_a, weight_b, rank=layer.rank), layer.rank,
+                geometry.stride, geometry.pads, geometry.span, geometry.taps_a, geometry.taps_b)
     ctx.layer, ctx.geometry, ctx.shape, ctx.compressed = layer, geometry, tuple(x.shape), None
+    # the parameters themselves are kept (no copy is kept): the kernels' layout is made again in backward
     if layer.saved_input_bits < 32:
         kept_x, ctx.compressed = quantize_image(x, layer.saved_input_bits)
-        ctx.save_for_backward(*kept_x, *weights)
+        ctx.save_for_backward(*kept_x, weight, weight_a, weight_b)
     else:
-        ctx.save_for_backward(x, *weights)
+        ctx.save_for_backward(x, weight, weight_a, weight_b)
     return output
+
+
+def _kernel_weights(ctx: Any, *weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """Weights in the layout the chosen kernels read: ``[rank, taps, C]`` for channels-last, as stored otherwise
+    (``rank`` 1 for the primary conv's weight)."""
+    if ctx.channels_last:
+        return tuple(_taps_last(w, rank) for w in weights)
+    return tuple(w.contiguous() for w in weights)
 
 
 def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -336,6 +340,8 @@ def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | N
         codes, offset, step, weight, weight_a, weight_b = ctx.saved_tensors
         if ctx.compressed.bits != 8:
             x, codes = dequantize_image(codes, offset, step, ctx.compressed), None
+    (weight,) = _kernel_weights(ctx, weight, rank=1)
+    weight_a, weight_b = _kernel_weights(ctx, weight_a, weight_b, rank=layer.rank)
     grad_x = torch.empty(ctx.shape, dtype=torch.float32, memory_format=layout) if need_x else None
     grad_a = torch.empty_like(weight_a) if need_a else None
     grad_b = torch.empty_like(weight_b) if need_b else None

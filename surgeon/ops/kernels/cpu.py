@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -41,6 +44,26 @@ def enabled() -> bool:
     return not os.environ.get("SURGEON_DISABLE_CPU_KERNELS")
 
 
+@contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """cpp_extension runs ``ninja`` from PATH; a venv used without activating it has the ``ninja`` package's binary
+    but not on PATH, so put it there for the build only."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    previous = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + previous
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous
+
+
 @lru_cache(maxsize=1)
 def module() -> Any | None:
     """The built extension, or None (one warning) when it cannot be built here."""
@@ -52,13 +75,15 @@ def module() -> Any | None:
             digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
             # cpp_extension logs that it found no CUDA runtime on a machine with a toolkit but no GPU: not ours
             logger = logging.getLogger("torch.utils.cpp_extension")
-            level, logger.level = logger.level, logging.ERROR
+            level = logger.level
+            logger.setLevel(logging.ERROR)
             try:
                 from torch.utils import cpp_extension
 
-                return cpp_extension.load(name=f"surgeon_quadratic_cpu_{capability.lower()}_{digest}",
-                                          sources=[str(source)], extra_cflags=_flags(capability),
-                                          extra_ldflags=["-fopenmp"], verbose=False)
+                with _ninja_on_path():
+                    return cpp_extension.load(
+                        name=f"surgeon_quadratic_cpu_{capability.lower()}_{digest}", sources=[str(source)],
+                        extra_cflags=_flags(capability), extra_ldflags=["-fopenmp"], verbose=False)
             finally:
                 logger.setLevel(level)
     except Exception as exc:
