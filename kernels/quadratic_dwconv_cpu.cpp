@@ -21,6 +21,32 @@
 
 namespace {
 
+// Per-thread scratch kept across calls: every task of every call reuses its thread's buffers, instead of each
+// task allocating and freeing them in whichever OpenMP thread runs it (with freed memory kept for reuse, as
+// surgeon's training asks glibc to do, that churn in the worker threads' arenas kept growing the process).
+// A slot is one buffer; the buffers used together must take different slots.
+constexpr int kSlots = 9;
+
+template <typename T>
+class Scratch {
+ public:
+  Scratch(int slot, size_t n) : data_(buffer(slot, n)), size_(n) {}
+  T* data() const { return data_; }
+  T* begin() const { return data_; }
+  T* end() const { return data_ + size_; }
+  T& operator[](size_t i) const { return data_[i]; }
+
+ private:
+  static T* buffer(int slot, size_t n) {
+    thread_local std::vector<T> buffers[kSlots];
+    std::vector<T>& b = buffers[slot];
+    if (b.size() < n) b.resize(n);
+    return b.data();
+  }
+  T* data_;
+  size_t size_;
+};
+
 // A kernel's taps inside the primary window: kh x kw taps at (top + i*dh, left + j*dw).
 struct Taps {
   int64_t kh, kw, top, left, dh, dw;
@@ -47,8 +73,8 @@ Geometry geometry_from(int64_t H, int64_t W, int64_t Ho, int64_t Wo, const std::
   return g;
 }
 
-// Where a plane's values come from: fp32 in any strides, or 8-bit codes with one offset/step per quantization
-// row (a channel plane in NCHW storage, an image row in NHWC storage) - value = code * step + offset.
+// Where a plane's values come from: fp32 in any strides, or 8-bit codes with one offset/step per channel plane
+// (value = code * step + offset, as surgeon.ops.row_quantizer codes an NCHW image).
 // row() writes columns [w0, w1) of row h of plane (n, c) to dst[w0 .. w1).
 struct FloatSource {
   const float* data;
@@ -63,21 +89,15 @@ struct FloatSource {
   }
 };
 
-struct CodeSource {
+struct CodeSource {  // codes of channel planes: ((n*C + c)*H + h)*W + w, one offset/step per (n, c)
   const uint8_t* codes;
   const float* offset;
   const float* step;
-  int64_t C, H, sn, sc, sh, sw;
-  bool per_image_row;  // NHWC storage: one scale per (n, h); NCHW: one per (n, c)
+  int64_t C, H, W;
   void row(int64_t n, int64_t c, int64_t h, float* dst, int64_t w0, int64_t w1) const {
-    const uint8_t* src = codes + n * sn + c * sc + h * sh;
-    const int64_t scale = per_image_row ? n * H + h : n * C + c;
-    const float s = step[scale], o = offset[scale];
-    if (sw == 1) {
-      for (int64_t w = w0; w < w1; ++w) dst[w] = static_cast<float>(src[w]) * s + o;
-    } else {
-      for (int64_t w = w0; w < w1; ++w) dst[w] = static_cast<float>(src[w * sw]) * s + o;
-    }
+    const uint8_t* src = codes + ((n * C + c) * H + h) * W;
+    const float s = step[n * C + c], o = offset[n * C + c];
+    for (int64_t w = w0; w < w1; ++w) dst[w] = static_cast<float>(src[w]) * s + o;
   }
 };
 
@@ -155,7 +175,7 @@ void forward_add_impl(const FloatSource& src, at::Tensor& out, const Geometry& g
   float* o = out.data_ptr<float>();
   const int64_t on = out.stride(0), oc = out.stride(1), oh_s = out.stride(2), ow_s = out.stride(3);
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xpad(g.Hp * g.Wp), a(g.Wo), b(g.Wo);
+    Scratch<float> xpad(0, g.Hp * g.Wp), a(1, g.Wo), b(2, g.Wo);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t n = 0; n < N; ++n) {
         fill_padded(src, n, c, g, xpad.data());
@@ -174,19 +194,16 @@ void forward_add_impl(const FloatSource& src, at::Tensor& out, const Geometry& g
 }
 
 template <int SW, typename Source>
-void backward_impl(const Source& src, const at::Tensor& grad, at::Tensor* grad_x, at::Tensor* grad_a,
-                   at::Tensor* grad_b, const Geometry& g, int64_t C, int64_t rank, const float* wc, const Taps& tc,
+void backward_impl(const Source& src, const at::Tensor& grad, at::Tensor* grad_x, float* ga, float* gb, const Geometry& g, int64_t C, int64_t rank, const float* wc, const Taps& tc,
                    const float* wa, const Taps& ta, const float* wb, const Taps& tb) {
   const int64_t N = grad.size(0);
   const float* gy = grad.data_ptr<float>();
   const int64_t gn = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gw = grad.stride(3);
   float* gx = grad_x != nullptr ? grad_x->data_ptr<float>() : nullptr;
-  float* ga = grad_a != nullptr ? grad_a->data_ptr<float>() : nullptr;
-  float* gb = grad_b != nullptr ? grad_b->data_ptr<float>() : nullptr;
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xpad(g.Hp * g.Wp), gxpad(gx != nullptr ? g.Hp * g.Wp : 0);
-    std::vector<float> grow(g.Wo), a(g.Wo), b(g.Wo), ga_row(g.Wo), gb_row(g.Wo);
-    std::vector<double> acc_a(rank * ta.count()), acc_b(rank * tb.count());
+    Scratch<float> xpad(0, g.Hp * g.Wp), gxpad(3, gx != nullptr ? g.Hp * g.Wp : 0);
+    Scratch<float> grow(4, g.Wo), a(1, g.Wo), b(2, g.Wo), ga_row(5, g.Wo), gb_row(6, g.Wo);
+    Scratch<double> acc_a(0, rank * ta.count()), acc_b(1, rank * tb.count());
     for (int64_t c = begin; c < end; ++c) {
       std::fill(acc_a.begin(), acc_a.end(), 0.0);
       std::fill(acc_b.begin(), acc_b.end(), 0.0);
@@ -235,7 +252,7 @@ void backward_impl(const Source& src, const at::Tensor& grad, at::Tensor* grad_x
 }
 
 template <typename Source>
-void dispatch_backward(const Source& src, const at::Tensor& grad, at::Tensor* gx, at::Tensor* ga, at::Tensor* gb,
+void dispatch_backward(const Source& src, const at::Tensor& grad, at::Tensor* gx, float* ga, float* gb,
                        const Geometry& g, int64_t C, int64_t rank, const float* wc, const Taps& tc, const float* wa,
                        const Taps& ta, const float* wb, const Taps& tb) {
   if (g.sw == 1)
@@ -359,7 +376,7 @@ void nhwc_forward_add(const NhwcFloatSource& src, at::Tensor& out, const Geometr
   float* o = out.data_ptr<float>();
   const int64_t on = out.stride(0), oc = out.stride(1), ohs = out.stride(2), ows = out.stride(3);
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xpad(g.Hp * g.Wp * kBlock), a(kBlock), b(kBlock), sum(kBlock);
+    Scratch<float> xpad(0, g.Hp * g.Wp * kBlock), a(1, kBlock), b(2, kBlock), sum(3, kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, V = std::min(kBlock, C - c0);
       fill_tile(src, n, c0, V, g, xpad.data());
@@ -393,9 +410,9 @@ void nhwc_backward(const Source& src, const at::Tensor& grad, at::Tensor* grad_x
   std::vector<double> sums_a(grad_a != nullptr ? threads * size_a : 0), sums_b(grad_b != nullptr ? threads * size_b : 0);
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
-    std::vector<float> xpad(g.Hp * g.Wp * kBlock), gxpad(gx != nullptr ? g.Hp * g.Wp * kBlock : 0);
-    std::vector<float> gv(kBlock), a(kBlock), b(kBlock), ga(kBlock), gb(kBlock);
-    std::vector<float> acc_a(rank * ta.count() * kBlock), acc_b(rank * tb.count() * kBlock);
+    Scratch<float> xpad(0, g.Hp * g.Wp * kBlock), gxpad(3, gx != nullptr ? g.Hp * g.Wp * kBlock : 0);
+    Scratch<float> gv(4, kBlock), a(1, kBlock), b(2, kBlock), ga(5, kBlock), gb(6, kBlock);
+    Scratch<float> acc_a(7, rank * ta.count() * kBlock), acc_b(8, rank * tb.count() * kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, V = std::min(kBlock, C - c0);
       fill_tile(src, n, c0, V, g, xpad.data());
@@ -454,6 +471,59 @@ void nhwc_backward(const Source& src, const at::Tensor& grad, at::Tensor* grad_x
   }
 }
 
+// What both backward entries check and hand to their kernels.
+struct BackwardCall {
+  Geometry g;
+  int64_t C;
+  Taps tc, ta, tb;
+  const float *wc, *wa, *wb;
+  at::Tensor* gx;
+  float *ga, *gb;
+};
+
+float* weight_grad(c10::optional<at::Tensor>& grad, const at::Tensor& weight, const char* name) {
+  if (!grad.has_value() || !grad->defined()) return nullptr;
+  TORCH_CHECK(grad->scalar_type() == at::kFloat && grad->is_contiguous() && grad->numel() == weight.numel(), name,
+              " must be contiguous fp32 with the weight's size");
+  return grad->data_ptr<float>();
+}
+
+BackwardCall backward_call(const at::Tensor& grad, const std::vector<int64_t>& x_shape, const at::Tensor& weight,
+                           const at::Tensor& weight_a, const at::Tensor& weight_b, c10::optional<at::Tensor>& grad_x,
+                           c10::optional<at::Tensor>& grad_a, c10::optional<at::Tensor>& grad_b, int64_t rank,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& pads,
+                           const std::vector<int64_t>& span, const std::vector<int64_t>& taps_primary,
+                           const std::vector<int64_t>& taps_a, const std::vector<int64_t>& taps_b) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.dim() == 4, "grad must be a 4-D fp32 tensor");
+  TORCH_CHECK(x_shape.size() == 4, "x_shape is [N, C, H, W]");
+  BackwardCall b{};
+  b.C = x_shape[1];
+  b.tc = taps_from(taps_primary);
+  b.ta = taps_from(taps_a);
+  b.tb = taps_from(taps_b);
+  check_weights(weight, b.C, b.tc, "weight");
+  check_weights(weight_a, b.C * rank, b.ta, "weight_a");
+  check_weights(weight_b, b.C * rank, b.tb, "weight_b");
+  b.g = geometry_from(x_shape[2], x_shape[3], grad.size(2), grad.size(3), stride, pads, span);
+  b.wc = weight.data_ptr<float>();
+  b.wa = weight_a.data_ptr<float>();
+  b.wb = weight_b.data_ptr<float>();
+  b.gx = grad_x.has_value() && grad_x->defined() ? &grad_x.value() : nullptr;
+  TORCH_CHECK(b.gx == nullptr || (b.gx->scalar_type() == at::kFloat && b.gx->dim() == 4), "grad_x must be 4-D fp32");
+  b.ga = weight_grad(grad_a, weight_a, "grad_a");
+  b.gb = weight_grad(grad_b, weight_b, "grad_b");
+  return b;
+}
+
+void check_codes(const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& offset,
+                 const c10::optional<at::Tensor>& step, const std::vector<int64_t>& x_shape) {
+  TORCH_CHECK(codes.has_value() && offset.has_value() && step.has_value(), "x must be given as fp32 or as codes");
+  TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(offset->scalar_type() == at::kFloat && step->scalar_type() == at::kFloat && offset->is_contiguous() &&
+              step->is_contiguous(), "offset/step must be contiguous fp32");
+  TORCH_CHECK(codes->numel() >= x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3], "codes hold fewer values than x");
+}
+
 }  // namespace
 
 // out += sum_r conv_a_r(x) * conv_b_r(x), in place. out: [N, C, Ho, Wo] fp32 (any strides).
@@ -479,48 +549,27 @@ void quadratic_forward_add(const at::Tensor& x, at::Tensor out, const at::Tensor
 }
 
 // Gradients of y w.r.t. x (written whole, primary part included) and w.r.t. W_a / W_b, from x given as fp32
-// (x_float) or as 8-bit codes with per-row offset/step (codes, offset, step, per_image_row). An undefined output
-// tensor means "not needed".
+// (x_float) or as 8-bit codes of channel planes with one offset/step per plane. An undefined output tensor means
+// "not needed".
 void quadratic_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& x_float,
                         const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& offset,
-                        const c10::optional<at::Tensor>& step, bool per_image_row, std::vector<int64_t> x_shape,
+                        const c10::optional<at::Tensor>& step, std::vector<int64_t> x_shape,
                         const at::Tensor& weight, const at::Tensor& weight_a, const at::Tensor& weight_b,
                         c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_a,
                         c10::optional<at::Tensor> grad_b, int64_t rank, std::vector<int64_t> stride,
                         std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_primary,
                         std::vector<int64_t> taps_a, std::vector<int64_t> taps_b) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.dim() == 4, "grad must be a 4-D fp32 tensor");
-  TORCH_CHECK(x_shape.size() == 4, "x_shape is [N, C, H, W]");
-  const int64_t C = x_shape[1];
-  const Taps tc = taps_from(taps_primary), ta = taps_from(taps_a), tb = taps_from(taps_b);
-  check_weights(weight, C, tc, "weight");
-  check_weights(weight_a, C * rank, ta, "weight_a");
-  check_weights(weight_b, C * rank, tb, "weight_b");
-  const Geometry g = geometry_from(x_shape[2], x_shape[3], grad.size(2), grad.size(3), stride, pads, span);
-  at::Tensor* gx = grad_x.has_value() && grad_x->defined() ? &grad_x.value() : nullptr;
-  at::Tensor* ga = grad_a.has_value() && grad_a->defined() ? &grad_a.value() : nullptr;
-  at::Tensor* gb = grad_b.has_value() && grad_b->defined() ? &grad_b.value() : nullptr;
-  for (at::Tensor* t : {gx, ga, gb})
-    TORCH_CHECK(t == nullptr || (t->scalar_type() == at::kFloat), "gradient outputs must be fp32");
-  TORCH_CHECK(ga == nullptr || ga->is_contiguous(), "grad_a must be contiguous");
-  TORCH_CHECK(gb == nullptr || gb->is_contiguous(), "grad_b must be contiguous");
-  const float *wc = weight.data_ptr<float>(), *wa = weight_a.data_ptr<float>(), *wb = weight_b.data_ptr<float>();
+  BackwardCall b = backward_call(grad, x_shape, weight, weight_a, weight_b, grad_x, grad_a, grad_b, rank, stride,
+                                 pads, span, taps_primary, taps_a, taps_b);
   if (x_float.has_value() && x_float->defined()) {
-    dispatch_backward(float_source(*x_float), grad, gx, ga, gb, g, C, rank, wc, tc, wa, ta, wb, tb);
+    dispatch_backward(float_source(*x_float), grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta,
+                      b.wb, b.tb);
     return;
   }
-  TORCH_CHECK(codes.has_value() && offset.has_value() && step.has_value(), "x must be given as fp32 or as codes");
-  TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous(), "codes must be contiguous uint8");
-  TORCH_CHECK(offset->scalar_type() == at::kFloat && step->scalar_type() == at::kFloat, "offset/step must be fp32");
-  const int64_t H = x_shape[2], W = x_shape[3];
-  // codes are stored in the rows' logical order: NCHW planes, or NHWC image rows
-  const CodeSource src = per_image_row
-      ? CodeSource{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), C, H,
-                   H * W * C, 1, W * C, C, true}
-      : CodeSource{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), C, H,
-                   C * H * W, H * W, W, 1, false};
-  TORCH_CHECK(codes->numel() >= x_shape[0] * C * H * W, "codes hold fewer values than x");
-  dispatch_backward(src, grad, gx, ga, gb, g, C, rank, wc, tc, wa, ta, wb, tb);
+  check_codes(codes, offset, step, x_shape);
+  const CodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,
+                       x_shape[2], x_shape[3]};
+  dispatch_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
 }
 
 // Channels-last entries: weights transposed to [rank][taps][C] (primary: [taps][C]); branch-weight gradients are
@@ -548,43 +597,19 @@ void quadratic_backward_nhwc(const at::Tensor& grad, const c10::optional<at::Ten
                              c10::optional<at::Tensor> grad_b_t, int64_t rank, std::vector<int64_t> stride,
                              std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_primary,
                              std::vector<int64_t> taps_a, std::vector<int64_t> taps_b) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.dim() == 4, "grad must be a 4-D fp32 tensor");
-  TORCH_CHECK(x_shape.size() == 4, "x_shape is [N, C, H, W]");
-  const int64_t C = x_shape[1];
-  const Taps tc = taps_from(taps_primary), ta = taps_from(taps_a), tb = taps_from(taps_b);
-  check_weights(weight_t, C, tc, "weight");
-  check_weights(weight_a_t, C * rank, ta, "weight_a");
-  check_weights(weight_b_t, C * rank, tb, "weight_b");
-  const Geometry g = geometry_from(x_shape[2], x_shape[3], grad.size(2), grad.size(3), stride, pads, span);
-  at::Tensor* gx = grad_x.has_value() && grad_x->defined() ? &grad_x.value() : nullptr;
-  TORCH_CHECK(gx == nullptr || gx->scalar_type() == at::kFloat, "grad_x must be fp32");
-  float* ga = nullptr;
-  float* gb = nullptr;
-  if (grad_a_t.has_value() && grad_a_t->defined()) {
-    TORCH_CHECK(grad_a_t->scalar_type() == at::kFloat && grad_a_t->is_contiguous() &&
-                grad_a_t->numel() == weight_a_t.numel(), "grad_a must be contiguous fp32 like weight_a");
-    ga = grad_a_t->data_ptr<float>();
-  }
-  if (grad_b_t.has_value() && grad_b_t->defined()) {
-    TORCH_CHECK(grad_b_t->scalar_type() == at::kFloat && grad_b_t->is_contiguous() &&
-                grad_b_t->numel() == weight_b_t.numel(), "grad_b must be contiguous fp32 like weight_b");
-    gb = grad_b_t->data_ptr<float>();
-  }
-  const float *wc = weight_t.data_ptr<float>(), *wa = weight_a_t.data_ptr<float>(), *wb = weight_b_t.data_ptr<float>();
+  BackwardCall b = backward_call(grad, x_shape, weight_t, weight_a_t, weight_b_t, grad_x, grad_a_t, grad_b_t, rank,
+                                 stride, pads, span, taps_primary, taps_a, taps_b);
   if (x_float.has_value() && x_float->defined()) {
     const at::Tensor& x = *x_float;
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4, "x must be a 4-D fp32 tensor");
     const NhwcFloatSource src{x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-    nhwc_backward(src, grad, gx, ga, gb, g, C, rank, wc, tc, wa, ta, wb, tb);
+    nhwc_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
     return;
   }
-  TORCH_CHECK(codes.has_value() && offset.has_value() && step.has_value(), "x must be given as fp32 or as codes");
-  TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous(), "codes must be contiguous uint8");
-  TORCH_CHECK(offset->scalar_type() == at::kFloat && step->scalar_type() == at::kFloat, "offset/step must be fp32");
-  TORCH_CHECK(codes->numel() >= x_shape[0] * C * x_shape[2] * x_shape[3], "codes hold fewer values than x");
-  const NhwcCodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), C,
+  check_codes(codes, offset, step, x_shape);
+  const NhwcCodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,
                            x_shape[2], x_shape[3]};
-  nhwc_backward(src, grad, gx, ga, gb, g, C, rank, wc, tc, wa, ta, wb, tb);
+  nhwc_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

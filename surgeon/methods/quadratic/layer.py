@@ -353,7 +353,7 @@ def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | N
             grad_a = _channels_first(grad_a, layer.weight_a, layer.rank) if need_a else None
             grad_b = _channels_first(grad_b, layer.weight_b, layer.rank) if need_b else None
         else:
-            ctx.kernel.quadratic_backward(grad, x, codes, offset, step, False, *common)
+            ctx.kernel.quadratic_backward(grad, x, codes, offset, step, *common)
     grad_bias = grad.sum(dim=(0, 2, 3)) if need_bias else None
     return grad_x, None, grad_bias, grad_a, grad_b
 
