@@ -7,13 +7,18 @@ quadratic adapters (``quadranet-v2``), quadratic adapters with the memory varian
 full fine-tuning. Several seeds; mean and spread of validation top-1, trainable parameters, bytes saved for
 backward in one step, and training throughput.
 
+Each (method, seed) trains in a fresh process, as in ``memory.py``: no run inherits another's heap (training keeps
+freed CPU memory for reuse, so one long process running every method in turn grew past this machine's 24 GiB).
+
 Run: python benchmarks/adaptation.py [--epochs 4] [--seeds 0 1 2] [--size 192]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +87,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--crops-per-photo", type=int, default=40)
     parser.add_argument("--methods", nargs="+", default=["none", *METHODS])
+    parser.add_argument("--worker", nargs=4, metavar=("METHOD", "SEED", "DATA", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        method, seed, root, weights = args.worker
+        print(json.dumps(run(method, Path(weights), Path(root), args, int(seed))))
+        return
+
+    def in_process(method: str, seed: int) -> dict[str, float]:
+        command = [sys.executable, __file__, "--worker", method, str(seed), str(data.root), str(weights),
+                   "--epochs", str(args.epochs), "--size", str(args.size), "--batch", str(args.batch)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     sys.path.insert(0, str(Path(__file__).parent))
     from timing import machine
 
@@ -97,8 +114,7 @@ def main() -> None:
               f"{args.batch} (MiB) | train img/s |")
         print("|---|---|---|---|---|")
         for method in args.methods:
-            runs = [run(method, weights, data.root, args, seed) for seed in (args.seeds if method != "none"
-                                                                             else args.seeds[:1])]
+            runs = [in_process(method, seed) for seed in (args.seeds if method != "none" else args.seeds[:1])]
             top1 = [r["top1"] for r in runs]
             spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
             saved = f"{runs[0]['saved_mib']:.1f}" if "saved_mib" in runs[0] else "-"

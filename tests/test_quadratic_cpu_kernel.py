@@ -188,3 +188,16 @@ def test_the_ninja_package_is_put_on_path_for_the_build(monkeypatch):
     with cpu_kernels._ninja_on_path():
         assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
     assert os.environ["PATH"] == "/nonexistent"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kernel_gradients_are_deterministic(channels_last, kernel_calls, seeded):
+    """Weight-gradient sums are split by channel (planes) or summed per thread in a fixed order (tiles): two
+    backward passes over the same input give the same bits."""
+    layer = _layer(5, 1, 2, 1, False, channels=70)  # more than one channel block of the channels-last tiles
+    x = _input((12, 12), channels=70, channels_last=channels_last, batch=5)
+    first = _grads(layer, x)
+    second = _grads(layer, x, grad=first[-1])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    assert len(kernel_calls) == 4
