@@ -526,21 +526,25 @@ void check_codes(const c10::optional<at::Tensor>& codes, const c10::optional<at:
 
 }  // namespace
 
-// out += sum_r conv_a_r(x) * conv_b_r(x), in place. out: [N, C, Ho, Wo] fp32 (any strides).
+// out += sum_r conv_a_r(x) * conv_b_r(x), in place. out: [N, C, Ho, Wo] fp32 (any strides). channels_last picks
+// the channel-vector tiles, whose weights come transposed to [rank][taps][C]; otherwise the channel planes, with
+// weights as stored ([C*rank][taps]).
 void quadratic_forward_add(const at::Tensor& x, at::Tensor out, const at::Tensor& weight_a,
                            const at::Tensor& weight_b, int64_t rank, std::vector<int64_t> stride,
                            std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_a,
-                           std::vector<int64_t> taps_b) {
+                           std::vector<int64_t> taps_b, bool channels_last) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 4, "out must be a 4-D fp32 tensor");
+  const FloatSource src = float_source(x);
   const int64_t C = x.size(1);
   const Taps ta = taps_from(taps_a), tb = taps_from(taps_b);
   check_weights(weight_a, C * rank, ta, "weight_a");
   check_weights(weight_b, C * rank, tb, "weight_b");
   const Geometry g = geometry_from(x.size(2), x.size(3), out.size(2), out.size(3), stride, pads, span);
-  const FloatSource src = float_source(x);
   const float* wa = weight_a.data_ptr<float>();
   const float* wb = weight_b.data_ptr<float>();
-  if (g.sw == 1)
+  if (channels_last)
+    nhwc_forward_add(NhwcFloatSource{src.data, src.sn, src.sc, src.sh, src.sw}, out, g, C, rank, wa, ta, wb, tb);
+  else if (g.sw == 1)
     forward_add_impl<1>(src, out, g, C, rank, wa, ta, wb, tb);
   else if (g.sw == 2)
     forward_add_impl<2>(src, out, g, C, rank, wa, ta, wb, tb);
@@ -549,8 +553,9 @@ void quadratic_forward_add(const at::Tensor& x, at::Tensor out, const at::Tensor
 }
 
 // Gradients of y w.r.t. x (written whole, primary part included) and w.r.t. W_a / W_b, from x given as fp32
-// (x_float) or as 8-bit codes of channel planes with one offset/step per plane. An undefined output tensor means
-// "not needed".
+// (x_float) or as 8-bit codes with one offset/step per quantization row: a channel plane (NCHW), or an image row
+// (channels_last). Weights and branch-weight gradients in the layout quadratic_forward_add takes. An undefined
+// output tensor means "not needed".
 void quadratic_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& x_float,
                         const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& offset,
                         const c10::optional<at::Tensor>& step, std::vector<int64_t> x_shape,
@@ -558,63 +563,30 @@ void quadratic_backward(const at::Tensor& grad, const c10::optional<at::Tensor>&
                         c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_a,
                         c10::optional<at::Tensor> grad_b, int64_t rank, std::vector<int64_t> stride,
                         std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_primary,
-                        std::vector<int64_t> taps_a, std::vector<int64_t> taps_b) {
+                        std::vector<int64_t> taps_a, std::vector<int64_t> taps_b, bool channels_last) {
   BackwardCall b = backward_call(grad, x_shape, weight, weight_a, weight_b, grad_x, grad_a, grad_b, rank, stride,
                                  pads, span, taps_primary, taps_a, taps_b);
-  if (x_float.has_value() && x_float->defined()) {
+  const bool float_input = x_float.has_value() && x_float->defined();
+  if (!float_input) check_codes(codes, offset, step, x_shape);
+  const int64_t H = x_shape[2], W = x_shape[3];
+  if (channels_last && float_input) {
+    const FloatSource f = float_source(*x_float);
+    nhwc_backward(NhwcFloatSource{f.data, f.sn, f.sc, f.sh, f.sw}, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc,
+                  b.tc, b.wa, b.ta, b.wb, b.tb);
+  } else if (channels_last) {
+    const NhwcCodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,
+                             H, W};
+    nhwc_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
+  } else if (float_input) {
     dispatch_backward(float_source(*x_float), grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta,
                       b.wb, b.tb);
-    return;
+  } else {
+    const CodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C, H, W};
+    dispatch_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
   }
-  check_codes(codes, offset, step, x_shape);
-  const CodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,
-                       x_shape[2], x_shape[3]};
-  dispatch_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
-}
-
-// Channels-last entries: weights transposed to [rank][taps][C] (primary: [taps][C]); branch-weight gradients are
-// written in that layout.
-void quadratic_forward_add_nhwc(const at::Tensor& x, at::Tensor out, const at::Tensor& weight_a_t,
-                                const at::Tensor& weight_b_t, int64_t rank, std::vector<int64_t> stride,
-                                std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_a,
-                                std::vector<int64_t> taps_b) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 4, "out must be a 4-D fp32 tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4, "x must be a 4-D fp32 tensor");
-  const int64_t C = x.size(1);
-  const Taps ta = taps_from(taps_a), tb = taps_from(taps_b);
-  check_weights(weight_a_t, C * rank, ta, "weight_a");
-  check_weights(weight_b_t, C * rank, tb, "weight_b");
-  const Geometry g = geometry_from(x.size(2), x.size(3), out.size(2), out.size(3), stride, pads, span);
-  const NhwcFloatSource src{x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  nhwc_forward_add(src, out, g, C, rank, weight_a_t.data_ptr<float>(), ta, weight_b_t.data_ptr<float>(), tb);
-}
-
-void quadratic_backward_nhwc(const at::Tensor& grad, const c10::optional<at::Tensor>& x_float,
-                             const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& offset,
-                             const c10::optional<at::Tensor>& step, std::vector<int64_t> x_shape,
-                             const at::Tensor& weight_t, const at::Tensor& weight_a_t, const at::Tensor& weight_b_t,
-                             c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_a_t,
-                             c10::optional<at::Tensor> grad_b_t, int64_t rank, std::vector<int64_t> stride,
-                             std::vector<int64_t> pads, std::vector<int64_t> span, std::vector<int64_t> taps_primary,
-                             std::vector<int64_t> taps_a, std::vector<int64_t> taps_b) {
-  BackwardCall b = backward_call(grad, x_shape, weight_t, weight_a_t, weight_b_t, grad_x, grad_a_t, grad_b_t, rank,
-                                 stride, pads, span, taps_primary, taps_a, taps_b);
-  if (x_float.has_value() && x_float->defined()) {
-    const at::Tensor& x = *x_float;
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4, "x must be a 4-D fp32 tensor");
-    const NhwcFloatSource src{x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-    nhwc_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
-    return;
-  }
-  check_codes(codes, offset, step, x_shape);
-  const NhwcCodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,
-                           x_shape[2], x_shape[3]};
-  nhwc_backward(src, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc, b.tc, b.wa, b.ta, b.wb, b.tb);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quadratic_forward_add", &quadratic_forward_add, "out += sum_r conv_a_r(x) * conv_b_r(x) (fp32, CPU)");
   m.def("quadratic_backward", &quadratic_backward, "input and branch-weight gradients (fp32, CPU)");
-  m.def("quadratic_forward_add_nhwc", &quadratic_forward_add_nhwc, "quadratic_forward_add for channels-last x");
-  m.def("quadratic_backward_nhwc", &quadratic_backward_nhwc, "quadratic_backward for channels-last x");
 }

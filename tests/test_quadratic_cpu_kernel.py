@@ -18,15 +18,21 @@ from tests.test_quadratic_conv import CASES, make_conv
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernel entries called (the route taken), with the real kernels underneath."""
+    """Records the kernel entries called and their layout flag (the route taken), with the real kernels
+    underneath."""
     module = cpu_kernels.module()
     assert module is not None, "the CPU kernels did not build on this machine"
-    calls: list[str] = []
+    calls: list[tuple[str, bool]] = []
 
     class Counting:
         def __getattr__(self, name):
-            calls.append(name)
-            return getattr(module, name)
+            function = getattr(module, name)
+
+            def call(*args):
+                calls.append((name, args[-1]))  # the last argument: channels-last tiles or channel planes
+                return function(*args)
+
+            return call
 
     monkeypatch.setattr(cpu_kernels, "module", lambda: Counting())
     return calls
@@ -73,8 +79,7 @@ def test_kernel_matches_the_formula(kernel, stride, padding, dilation, same, cha
         _close(got[:-1], want[:-1])
         if channels_last:
             assert got[1].is_contiguous(memory_format=torch.channels_last)
-    suffix = "_nhwc" if channels_last else ""  # channels-last inputs take the kernels that vectorize over channels
-    assert kernel_calls == [f"quadratic_forward_add{suffix}", f"quadratic_backward{suffix}"] * 2
+    assert kernel_calls == [("quadratic_forward_add", channels_last), ("quadratic_backward", channels_last)] * 2
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -95,7 +100,7 @@ def test_kernel_reads_quantized_inputs_as_the_torch_route_does(bits, channels_la
         exact = _grads(layer, x, grad=got[-1], reference=True)
         scale = exact[1].abs().max()
         assert (got[1] - exact[1]).abs().max() < (0.02 if bits == 8 else 0.3) * scale
-    assert "quadratic_backward" + ("_nhwc" if channels_last else "") in kernel_calls
+    assert ("quadratic_backward", channels_last) in kernel_calls
 
 
 def test_kernel_is_exact_at_init(kernel_calls, seeded):
@@ -106,8 +111,8 @@ def test_kernel_is_exact_at_init(kernel_calls, seeded):
         for channels_last in (False, True):
             x = _input((15, 14), channels=6, channels_last=channels_last)
             assert torch.equal(layer(x).detach(), conv(x).detach())
-    assert sorted(set(kernel_calls)) == ["quadratic_forward_add", "quadratic_forward_add_nhwc"]
-    assert len(kernel_calls) == 2 * len(CASES)
+    assert [name for name, _ in kernel_calls] == ["quadratic_forward_add"] * 2 * len(CASES)
+    assert {layout for _, layout in kernel_calls} == {False, True}
 
 
 def test_custom_branches_and_the_bias_gradient(kernel_calls, seeded):
@@ -121,7 +126,7 @@ def test_custom_branches_and_the_bias_gradient(kernel_calls, seeded):
     bias_grad = layer.bias.grad.clone()
     want = _grads(layer, x, grad=got[-1], reference=True)
     _close([*got[:-1], bias_grad], [*want[:-1], layer.bias.grad])
-    assert "quadratic_backward" in kernel_calls
+    assert ("quadratic_backward", False) in kernel_calls
 
 
 def test_only_adapter_gradients(kernel_calls, seeded):
@@ -133,7 +138,7 @@ def test_only_adapter_gradients(kernel_calls, seeded):
     layer.zero_grad()
     layer.forward_reference(x).sum().backward()
     _close(got, [layer.weight_a.grad, layer.weight_b.grad])
-    assert "quadratic_backward" in kernel_calls
+    assert ("quadratic_backward", False) in kernel_calls
 
 
 def test_cases_the_kernel_does_not_take(kernel_calls, seeded):

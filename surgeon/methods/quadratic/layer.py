@@ -304,9 +304,9 @@ def _forward_cpu_kernel(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: t
     geometry = _KernelGeometry.of(layer, x)
     ctx.channels_last = is_channels_last(x)
     output = layer.primary_conv(x, weight, bias)
-    forward_add = ctx.kernel.quadratic_forward_add_nhwc if ctx.channels_last else ctx.kernel.quadratic_forward_add
-    forward_add(x.detach(), output, *_kernel_weights(ctx, weight_a, weight_b, rank=layer.rank), layer.rank,
-                geometry.stride, geometry.pads, geometry.span, geometry.taps_a, geometry.taps_b)
+    ctx.kernel.quadratic_forward_add(x.detach(), output, *_kernel_weights(ctx, weight_a, weight_b, rank=layer.rank),
+                                     layer.rank, geometry.stride, geometry.pads, geometry.span, geometry.taps_a,
+                                     geometry.taps_b, ctx.channels_last)
     ctx.layer, ctx.geometry, ctx.shape, ctx.compressed = layer, geometry, tuple(x.shape), None
     # the parameters themselves are kept (no copy is kept): the kernels' layout is made again in backward
     if layer.saved_input_bits < 32:
@@ -346,14 +346,13 @@ def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | N
     grad_a = torch.empty_like(weight_a) if need_a else None
     grad_b = torch.empty_like(weight_b) if need_b else None
     if need_x or need_a or need_b:
-        common = (list(ctx.shape), weight, weight_a, weight_b, grad_x, grad_a, grad_b, layer.rank, geometry.stride,
-                  geometry.pads, geometry.span, geometry.taps_primary, geometry.taps_a, geometry.taps_b)
+        ctx.kernel.quadratic_backward(grad, x, codes, offset, step, list(ctx.shape), weight, weight_a, weight_b,
+                                      grad_x, grad_a, grad_b, layer.rank, geometry.stride, geometry.pads,
+                                      geometry.span, geometry.taps_primary, geometry.taps_a, geometry.taps_b,
+                                      ctx.channels_last)
         if ctx.channels_last:
-            ctx.kernel.quadratic_backward_nhwc(grad, x, codes, offset, step, *common)
             grad_a = _channels_first(grad_a, layer.weight_a, layer.rank) if need_a else None
             grad_b = _channels_first(grad_b, layer.weight_b, layer.rank) if need_b else None
-        else:
-            ctx.kernel.quadratic_backward(grad, x, codes, offset, step, *common)
     grad_bias = grad.sum(dim=(0, 2, 3)) if need_bias else None
     return grad_x, None, grad_bias, grad_a, grad_b
 
