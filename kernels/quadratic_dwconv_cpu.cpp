@@ -87,6 +87,15 @@ struct FloatSource {
       for (int64_t w = w0; w < w1; ++w) dst[w] = src[w * sw];
     }
   }
+  // channels c0 .. c0+V of pixel (n, h, w) to dst[0 .. V) (the channels-last tiles' unit)
+  void pixel(int64_t n, int64_t h, int64_t w, int64_t c0, int64_t V, float* dst) const {
+    const float* src = data + n * sn + h * sh + w * sw + c0 * sc;
+    if (sc == 1) {
+      std::copy(src, src + V, dst);
+    } else {
+      for (int64_t v = 0; v < V; ++v) dst[v] = src[v * sc];
+    }
+  }
 };
 
 struct CodeSource {  // codes of channel planes: ((n*C + c)*H + h)*W + w, one offset/step per (n, c)
@@ -276,19 +285,6 @@ FloatSource float_source(const at::Tensor& x) {
 
 constexpr int64_t kBlock = 64;
 
-struct NhwcFloatSource {
-  const float* data;
-  int64_t sn, sc, sh, sw;
-  void pixel(int64_t n, int64_t h, int64_t w, int64_t c0, int64_t V, float* dst) const {
-    const float* src = data + n * sn + h * sh + w * sw + c0 * sc;
-    if (sc == 1) {
-      std::copy(src, src + V, dst);
-    } else {
-      for (int64_t v = 0; v < V; ++v) dst[v] = src[v * sc];
-    }
-  }
-};
-
 struct NhwcCodeSource {  // codes of image rows: ((n*H + h)*W + w)*C + c, one offset/step per (n, h)
   const uint8_t* codes;
   const float* offset;
@@ -370,7 +366,7 @@ inline void scatter_pixel(const float* xpad, float* gxpad, const Geometry& g, co
 
 int64_t channel_blocks(int64_t C) { return (C + kBlock - 1) / kBlock; }
 
-void nhwc_forward_add(const NhwcFloatSource& src, at::Tensor& out, const Geometry& g, int64_t C, int64_t rank,
+void nhwc_forward_add(const FloatSource& src, at::Tensor& out, const Geometry& g, int64_t C, int64_t rank,
                       const float* wa, const Taps& ta, const float* wb, const Taps& tb) {
   const int64_t N = out.size(0), blocks = channel_blocks(C);
   float* o = out.data_ptr<float>();
@@ -543,7 +539,7 @@ void quadratic_forward_add(const at::Tensor& x, at::Tensor out, const at::Tensor
   const float* wa = weight_a.data_ptr<float>();
   const float* wb = weight_b.data_ptr<float>();
   if (channels_last)
-    nhwc_forward_add(NhwcFloatSource{src.data, src.sn, src.sc, src.sh, src.sw}, out, g, C, rank, wa, ta, wb, tb);
+    nhwc_forward_add(src, out, g, C, rank, wa, ta, wb, tb);
   else if (g.sw == 1)
     forward_add_impl<1>(src, out, g, C, rank, wa, ta, wb, tb);
   else if (g.sw == 2)
@@ -570,8 +566,7 @@ void quadratic_backward(const at::Tensor& grad, const c10::optional<at::Tensor>&
   if (!float_input) check_codes(codes, offset, step, x_shape);
   const int64_t H = x_shape[2], W = x_shape[3];
   if (channels_last && float_input) {
-    const FloatSource f = float_source(*x_float);
-    nhwc_backward(NhwcFloatSource{f.data, f.sn, f.sc, f.sh, f.sw}, grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc,
+    nhwc_backward(float_source(*x_float), grad, b.gx, b.ga, b.gb, b.g, b.C, rank, b.wc,
                   b.tc, b.wa, b.ta, b.wb, b.tb);
   } else if (channels_last) {
     const NhwcCodeSource src{codes->data_ptr<uint8_t>(), offset->data_ptr<float>(), step->data_ptr<float>(), b.C,

@@ -290,7 +290,7 @@ def _taps_last(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return weight.reshape(channels, rank, -1).permute(1, 2, 0).contiguous()
 
 
-def _channels_first(grad_t: torch.Tensor, like: torch.Tensor, rank: int) -> torch.Tensor:
+def _channels_first(grad_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_taps_last` for a gradient."""
     return grad_t.permute(2, 0, 1).reshape(like.shape).contiguous()
 
@@ -351,8 +351,8 @@ def _backward_cpu_kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | N
                                       geometry.span, geometry.taps_primary, geometry.taps_a, geometry.taps_b,
                                       ctx.channels_last)
         if ctx.channels_last:
-            grad_a = _channels_first(grad_a, layer.weight_a, layer.rank) if need_a else None
-            grad_b = _channels_first(grad_b, layer.weight_b, layer.rank) if need_b else None
+            grad_a = _channels_first(grad_a, layer.weight_a) if need_a else None
+            grad_b = _channels_first(grad_b, layer.weight_b) if need_b else None
     grad_bias = grad.sum(dim=(0, 2, 3)) if need_bias else None
     return grad_x, None, grad_bias, grad_a, grad_b
 
