@@ -5,31 +5,43 @@ has a ``target`` (the site family), a ``layer`` (the registered method for it, :
 module-path ``include``/``exclude`` patterns (shell globs, or regular expressions written ``re:<pattern>``) and the
 method's options, checked against the method's own option table. Every field is
 validated; a problem is a :class:`RecipeError` naming the field.
+
+Recipes also arrive inside artifacts written by others, so patterns are length-capped and regular expressions run
+on the ``regex`` engine with a match timeout: a pattern built to backtrack ends in one error, not a hung load.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from surgeon.errors import RecipeError
 from surgeon.methods.base import SITE_TARGETS, Check
 from surgeon.methods.registry import get_method, layers_for
 from surgeon.ops.package_data import data_dir
 
+MAX_PATTERN_LENGTH = 256
+MAX_PATTERNS = 256
+MATCH_TIMEOUT_S = 0.25  # a module path is under 200 characters: any sane pattern matches in microseconds
+
 
 def _patterns(value: Any) -> str | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         return "expected a list of non-empty strings"
+    if len(value) > MAX_PATTERNS:
+        return f"expected at most {MAX_PATTERNS} patterns"
     for pattern in value:
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            return f"pattern longer than {MAX_PATTERN_LENGTH} characters"
         if pattern.startswith("re:"):
             try:
-                re.compile(pattern[3:])
-            except re.error as exc:
+                regex.compile(pattern[3:])
+            except (regex.error, RecursionError, OverflowError) as exc:
                 return f"invalid regular expression {pattern[3:]!r}: {exc}"
     return None
 
@@ -78,7 +90,11 @@ class Recipe:
 
 def match_pattern(pattern: str, path: str) -> bool:
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
+        try:
+            return regex.fullmatch(pattern[3:], path, timeout=MATCH_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise RecipeError(f"pattern {pattern[:60]!r} took over {MATCH_TIMEOUT_S} s on module path "
+                              f"{path[:80]!r} (a pattern that backtracks); simplify it") from None
     return fnmatch.fnmatchcase(path, pattern)
 
 

@@ -42,10 +42,14 @@ def test_adapter_over_its_base_is_the_full_artifact(trained):
     adapter_size = (root / "adapter" / "adapter_model.safetensors").stat().st_size
     assert adapter_size * 20 < full_size  # measured: 69 KB against 6.5 MB
     config = json.loads((root / "adapter" / "adapter_config.json").read_text())
-    assert config["surgeon"]["base_model"] == str(root / "base.safetensors")
+    # a local weights file is recorded as the base's kind, never as a path a config could make surgeon read
+    assert config["surgeon"]["base_model"] is None and config["surgeon"]["base_weights"] == "file"
     assert config["architecture"] == "mobilenetv3_small_050" and config["surgeon"]["recipe"]["name"]
+    with pytest.raises(CheckpointError, match="base was a local weights file; pass the base yourself"):
+        surgeon.load(root / "adapter")
     full = surgeon.load(root / "full")
-    from_recorded_base = surgeon.load(root / "adapter")  # the base checkpoint named in adapter_config.json
+    from_recorded_base = surgeon.load(root / "adapter", model=surgeon.load_model(
+        str(root / "base.safetensors"), arch="mobilenetv3_small_050").model)
     torch.manual_seed(3)
     given_base = surgeon.load(root / "adapter", model=timm.create_model("mobilenetv3_small_050").eval())
     with torch.no_grad():  # a random base: its frozen weights differ, so only the adapters may agree
@@ -92,7 +96,8 @@ def test_cli_adapt_writes_an_adapter_with_its_reset_head(trained, tmp_path):
                                       "--epochs", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert f"adapter-only artifact in {tmp_path / 'adapter'} (trainable params:" in result.stdout
-    full, adapter = surgeon.load(tmp_path / "out"), surgeon.load(tmp_path / "adapter")
+    base = surgeon.load_model(str(root / "base.safetensors"), arch="mobilenetv3_small_050").model
+    full, adapter = surgeon.load(tmp_path / "out"), surgeon.load(tmp_path / "adapter", model=base)
     assert adapter.num_classes == 2 and "classifier.weight" in surgeon.trainable_parameters(adapter)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

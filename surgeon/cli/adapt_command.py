@@ -81,8 +81,8 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
 
     if out.exists() and not (resume or force):
         raise fail(f"{out} already exists (use --resume to continue it or --force to start over)")
-    if adapter_out is not None and adapter_out.exists() and not force:
-        raise fail(f"{adapter_out} already exists (use --force to replace it)")
+    if adapter_out is not None:
+        _check_adapter_out(out, adapter_out, force)
     with progress(f"loading {out if resume else directory}"):
         model = load_artifact(str(out) if resume else directory, verify=not no_verify)
     folders, head_classes = image_folder_data(data, model, batch_size, workers, distributed=world > 1, seed=seed,
@@ -98,11 +98,11 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
         say(f"before adaptation: val top-1 {before[0]:.2f}%, top-5 {before[1]:.2f}%")
     report = run_adapt(model, folders.train, folders.val, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        clip_grad=clip_grad or None, warmup_epochs=warmup_epochs, channels_last=channels_last,
-                       seed=seed, out=out, resume=resume, log=say, update_bn_stats=update_bn_stats,
+                       seed=seed, out=out, resume=resume, force=force, log=say, update_bn_stats=update_bn_stats,
                        stop_after=stop_after, device=str(target), amp=amp, compile=compile_backend,
                        retain_cpu_memory=retain_cpu_memory)
     if adapter_out is not None and rank == 0:
-        save_adapter(model, adapter_out, force=True)
+        save_adapter(model, adapter_out, force=force)
         say(f"adapter-only artifact in {adapter_out} ({trainable_summary(model)})")
     digest = trainable_digest(model)
     if world > 1:
@@ -118,6 +118,18 @@ def adapt(directory: Annotated[str, typer.Argument(help="Converted model: direct
                          indent=2))
     elif final is not None:
         say(f"trained {report.trainable_parameters:,} parameters; checkpoint in {out}")
+
+
+def _check_adapter_out(out: Path, adapter_out: Path, force: bool) -> None:
+    """The adapter artifact goes to its own directory: never OUT itself, inside it, or around it."""
+    from surgeon.io.atomic import output_directory
+    from surgeon.io.ownership import require_replaceable
+
+    first, second = out.resolve(), adapter_out.resolve()
+    if first == second or first.is_relative_to(second) or second.is_relative_to(first):
+        raise fail(f"--adapter-out {adapter_out} must be a directory of its own, not --out {out} or inside or "
+                   "around it")
+    require_replaceable(output_directory(adapter_out), force)
 
 
 def _fit_head(model: Any, classes: int, names: list[str], indices: bool, say: Callable[[str], None]) -> None:

@@ -31,6 +31,25 @@ class DemoReport:
     export_check: dict[str, Any] | None = None  # the ONNX export's check against PyTorch (ExportCheck fields)
 
 
+DEMO_MARKER = ".surgeon-demo"
+
+
+def claim_demo_directory(out: Path) -> None:
+    """The demo replaces what it wrote before in ``out`` (its artifacts pass the usual ownership check) but starts
+    only in a new or empty directory, or one a previous demo marked as its own."""
+    from surgeon.errors import SurgeonError
+    from surgeon.io.atomic import output_directory
+
+    out = output_directory(out)
+    if out.exists() and not out.is_dir():
+        raise SurgeonError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise SurgeonError(f"{out} is not empty and was not written by `surgeon demo` (no {DEMO_MARKER} in it); "
+                           "name a new or empty directory with --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `surgeon demo`; it replaces its own outputs here\n", encoding="utf-8")
+
+
 def _validation_batch(root: Path, model: torch.nn.Module, limit: int = 64) -> torch.Tensor:
     dataset = _validation_loader(root, model).dataset
     return torch.stack([dataset[i][0] for i in range(min(limit, len(dataset)))])
@@ -50,7 +69,7 @@ def run_demo(out: Path, say: Callable[[str], None] = print, epochs: int = 3, cro
     from surgeon.train.adapt import evaluate
 
     report = DemoReport()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_demo_directory(out)
 
     def command(*argv: Any) -> None:
         say("\n$ surgeon " + " ".join(shlex.quote(str(a)) for a in argv))

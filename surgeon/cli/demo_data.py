@@ -9,6 +9,7 @@ class index, so the pretrained head is kept.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.io.atomic import staged_directory
 
 # photos bundled inside the scikit-image wheel (others are fetched from the network on first use)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -85,6 +87,18 @@ def _labels(model: nn.Module, crops: list[np.ndarray]) -> list[int]:
     return labels
 
 
+def foreign_demo_data_entry(directory: Path) -> str | None:
+    """What in ``directory`` is not a data set this module wrote (``train|val/<class index>/<crop>.png``)."""
+    for entry in sorted(directory.rglob("*")):
+        parts = entry.relative_to(directory).parts
+        folder = len(parts) < 3
+        ours = (parts[0] in ("train", "val") and len(parts) <= 3 and (len(parts) < 2 or parts[1].isdigit())
+                and (folder or re.fullmatch(r"\d+\.png", parts[2]) is not None))
+        if entry.is_symlink() or not ours or folder != entry.is_dir():
+            return f"{entry.relative_to(directory)} is not a file the demo wrote"
+    return None
+
+
 def build_shifted_photos(root: str | Path, model: nn.Module, crops_per_photo: int = 40, val_fraction: float = 0.3,
                          size: int = 160, min_per_class: int = 6, seed: int = 0) -> ShiftedPhotos:
     """Write ROOT/train/<class index>/*.png and ROOT/val/<class index>/*.png; returns what was written."""
@@ -98,20 +112,21 @@ def build_shifted_photos(root: str | Path, model: nn.Module, crops_per_photo: in
     kept = {label for label, count in counts.items() if count >= min_per_class}
     if len(kept) < 2:
         raise SurgeonError("the photos gave fewer than 2 classes with enough crops; raise crops_per_photo")
-    order = rng.permutation(len(crops))
-    seen: Counter[int] = Counter()
-    written = {"train": 0, "val": 0}
-    train_counts: Counter[int] = Counter()
-    for index in order:
-        label = labels[index]
-        if label not in kept:
-            continue
-        split = "val" if seen[label] < max(1, round(counts[label] * val_fraction)) else "train"
-        seen[label] += 1
-        folder = root / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(colour_shift(crops[index])).save(folder / f"{index:05d}.png")
-        written[split] += 1
-        if split == "train":
-            train_counts[label] += 1
+    with staged_directory(root, force=True, owned=foreign_demo_data_entry) as staging:
+        order = rng.permutation(len(crops))
+        seen: Counter[int] = Counter()
+        written = {"train": 0, "val": 0}
+        train_counts: Counter[int] = Counter()
+        for index in order:
+            label = labels[index]
+            if label not in kept:
+                continue
+            split = "val" if seen[label] < max(1, round(counts[label] * val_fraction)) else "train"
+            seen[label] += 1
+            folder = staging / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(colour_shift(crops[index])).save(folder / f"{index:05d}.png")
+            written[split] += 1
+            if split == "train":
+                train_counts[label] += 1
     return ShiftedPhotos(root=root, classes=dict(train_counts), train=written["train"], val=written["val"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -20,7 +21,15 @@ from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.io.atomic import staged_directory
 from surgeon.io.checkpoint import read_state_dict, sha256_file
 from surgeon.io.converted import finish_loaded, reconvert
-from surgeon.io.layout import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FORMAT_ADAPTER, json_safe, verified_weights
+from surgeon.io.layout import (
+    FORMAT_ADAPTER,
+    base_record,
+    json_safe,
+    read_artifact_config,
+    verified_weights,
+)
+from surgeon.io.names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from surgeon.io.untrusted import base_spec, check_base_fits, check_model_args, header_shapes, meta_model, shape_table
 from surgeon.ops.memory_format import model_memory_format
 from surgeon.version import __version__
 
@@ -38,7 +47,7 @@ def save_adapter(model: nn.Module, directory: str | Path, force: bool = False) -
     base = info.base
     section = {
         "format": FORMAT_ADAPTER, "version": __version__, "recipe": info.recipe.to_dict(),
-        "base_model": base.get("source"), "base_class": base.get("class"),
+        **base_record(base),
         "example_input_shape": list(base.get("example_input_shape") or []), "trainable": sorted(tensors),
         "memory_format": model_memory_format(model), "weights_file": ADAPTER_WEIGHTS_NAME,
     }
@@ -56,32 +65,67 @@ def save_adapter(model: nn.Module, directory: str | Path, force: bool = False) -
 
 
 def adapter_config(directory: Path) -> dict:
-    path = directory / ADAPTER_CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or config.get("surgeon", {}).get("format") != FORMAT_ADAPTER:
-        raise CheckpointError(f"{path}: not a surgeon adapter artifact")
+    """``adapter_config.json``, validated against :mod:`surgeon.io.schema`."""
+    config = read_artifact_config(directory, ADAPTER_CONFIG_NAME)
+    if config["surgeon"]["format"] != FORMAT_ADAPTER:
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG_NAME}: not a surgeon adapter artifact")
     return config
 
 
+_BASE_DEPTH: ContextVar[int] = ContextVar("surgeon_adapter_base_depth", default=0)
+MAX_BASE_DEPTH = 2  # an adapter over a Hub artifact over a Hub base; a cycle of repos ends here
+
+
 def _base_model(config: dict, directory: Path, load_base: BaseLoader) -> nn.Module:
-    """The pretrained base the adapters were trained on, from the recorded source (a weights file, a timm name,
-    an ``hf-hub:`` repo)."""
-    section = config["surgeon"]
-    source, architecture = section.get("base_model"), config.get("architecture")
-    if not isinstance(source, str) or not source:
-        raise CheckpointError(f"{directory}: the adapter names no base model; pass it: surgeon.load(dir, model=...)")
-    spec = source.removeprefix("timm:")
+    """The pretrained base the adapters were trained on: the recorded timm architecture (its pretrained weights)
+    or ``hf-hub:`` repo, loaded as a user-named one is. A config never makes this read a path or a URL."""
+    section, architecture = config["surgeon"], config.get("architecture")
+    where = str(directory / ADAPTER_CONFIG_NAME)
     args = dict(config.get("model_args") or {})
     args.pop("num_classes", None)  # the base checkpoint's own head; a head reset for training is set below
+    if args:  # constructor arguments may change details, never grow the model beyond its default size
+        check_base_fits(architecture, args, None, shape_table(meta_model(architecture, {}, where)), where)
+    spec = base_spec(section.get("base_model"), section.get("base_weights"), architecture, where)
+    depth = _BASE_DEPTH.get()
+    if depth >= MAX_BASE_DEPTH:
+        raise CheckpointError(f"{where}: the base model {spec!r} is itself an adapter more than {MAX_BASE_DEPTH} "
+                              "levels deep; pass the base: surgeon.load(dir, model=...)")
+    token = _BASE_DEPTH.set(depth + 1)
     try:
         with torch.random.fork_rng(devices=[]):
             return load_base(spec, arch=architecture, model_args=args or None)
     except SurgeonError as exc:
-        raise CheckpointError(f"{directory}: cannot load the base model {source!r} ({exc}); pass the pretrained "
+        raise CheckpointError(f"{directory}: cannot load the base model {spec!r} ({exc}); pass the pretrained "
                               "base: surgeon.load(dir, model=...)") from exc
+    finally:
+        _BASE_DEPTH.reset(token)
+
+
+def _check_config(config: dict, directory: Path, weights: Path) -> None:
+    """``model_args`` are constructor arguments of the recorded architecture, and a head size they ask for is the
+    one the adapter's own classifier tensor has: checked before any base is fetched or head rebuilt."""
+    architecture, where = config.get("architecture"), str(directory / ADAPTER_CONFIG_NAME)
+    args = dict(config.get("model_args") or {})
+    if architecture is None:
+        if args:
+            raise CheckpointError(f"{where}: field 'model_args' is set but no architecture is recorded")
+        return
+    check_model_args(architecture, args, where)
+    if "num_classes" in args:
+        check_base_fits(architecture, {}, args["num_classes"], header_shapes(weights), where, model=False)
+
+
+def _check_head(base: nn.Module, classes: int | None, weights: Path, where: str) -> None:
+    """A head size the adapter asks for must be the one its own classifier tensor has (checked before the head
+    is rebuilt, so a config cannot make it allocate)."""
+    if classes is None or getattr(base, "num_classes", classes) == classes:
+        return
+    head = base.get_classifier() if hasattr(base, "get_classifier") else None
+    prefix = next((name for name, module in base.named_modules() if module is head), None)
+    shape = header_shapes(weights).get(f"{prefix}.weight") if prefix else None
+    if shape is None or shape[0] != classes:
+        raise CheckpointError(f"{where}: field 'model_args.num_classes' is {classes} but the adapter's head "
+                              f"weights have {shape[0] if shape else 'no'} rows")
 
 
 def load_adapter(directory: Path, model: nn.Module | None, verify: bool, load_base: BaseLoader) -> nn.Module:
@@ -90,8 +134,10 @@ def load_adapter(directory: Path, model: nn.Module | None, verify: bool, load_ba
     config = adapter_config(directory)
     section = config["surgeon"]
     weights = verified_weights(directory, section, verify, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+    _check_config(config, directory, weights)
     base = model if model is not None else _base_model(config, directory, load_base)
     classes = (config.get("model_args") or {}).get("num_classes")
+    _check_head(base, classes, weights, str(directory / ADAPTER_CONFIG_NAME))
     if classes is not None and getattr(base, "num_classes", classes) != classes and hasattr(base, "reset_classifier"):
         with torch.random.fork_rng(devices=[]):
             base.reset_classifier(classes)  # the head adapt reset; its trained weights are in the adapter

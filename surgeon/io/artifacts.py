@@ -25,7 +25,7 @@ from surgeon.io.layout import (
     resolve_directory,
     verified_weights,
 )
-from surgeon.io.loading import LoadedModel, from_directory, from_hub, from_name_or_file, hub_config
+from surgeon.io.loading import LoadedModel, from_directory, from_hub, from_name_or_file
 from surgeon.io.merged import load_merged
 
 
@@ -36,6 +36,8 @@ def load(location: str | Path, model: nn.Module | None = None, verify: bool = Tr
     directory = resolve_directory(location, revision=revision, token=token)
     if not (directory / CONFIG_NAME).is_file() and (directory / ADAPTER_CONFIG_NAME).is_file():
         return load_adapter(directory, model, verify, load_base=lambda spec, **kw: load_model(spec, **kw).model)
+    if not (directory / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{location}: no {CONFIG_NAME} or {ADAPTER_CONFIG_NAME} (not a surgeon artifact)")
     config = read_artifact_config(directory)
     section = config["surgeon"]
     weights = verified_weights(directory, section, verify)
@@ -70,16 +72,24 @@ def load_model(spec: str, weights: str | None = None, arch: str | None = None, p
     Hub repos written by surgeon are rebuilt through :func:`load`."""
     if spec.startswith("hf-hub:"):
         repo_id, token = spec[len("hf-hub:"):], os.environ.get("HF_TOKEN") or None
-        config = hub_config(repo_id, token=token)
+        directory = resolve_directory(spec, token=token)
+        config = _directory_config(directory)
         if "surgeon" in config:
-            return LoadedModel(load(spec, token=token), config.get("architecture"), spec,
+            return LoadedModel(load(directory, token=token), config.get("architecture"), spec,
                                config.get("model_args", {}))
         return from_hub(repo_id, config)
     directory = Path(spec.removeprefix("local-dir:"))
     if spec.startswith("local-dir:") or directory.is_dir():
-        config = read_config(directory)
+        config = _directory_config(directory)
         if "surgeon" in config:
             return LoadedModel(load(directory), config.get("architecture"), str(directory),
                                config.get("model_args", {}))
         return from_directory(directory, config, strict=strict)
     return from_name_or_file(spec, weights, arch, pretrained, strict, model_args)
+
+
+def _directory_config(directory: Path) -> dict:
+    """The config of a model directory: ``config.json``, or an adapter artifact's ``adapter_config.json``."""
+    if not (directory / CONFIG_NAME).is_file() and (directory / ADAPTER_CONFIG_NAME).is_file():
+        return read_artifact_config(directory, ADAPTER_CONFIG_NAME)
+    return read_config(directory)

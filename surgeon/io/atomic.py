@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.io.ownership import Ownership, foreign_artifact_entry, require_replaceable
 
 
 def _load_renameat2() -> Any:
@@ -73,18 +74,45 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give a staged directory and its files the modes a plain ``mkdir``/``open`` would have (``mkdtemp`` makes
+    them private), as ``save_pretrained`` leaves them."""
+    mask = current_umask()
+    for entry in directory.rglob("*"):
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+    directory.chmod(0o777 & ~mask)
+
+
+def output_directory(destination: str | Path) -> Path:
+    """Where an output directory is really written: a symlinked destination is followed (its target is replaced
+    and the link kept), and the working directory or one above it is refused."""
+    destination = Path(destination)
+    if destination.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(destination.resolve()):
+        raise SurgeonError(f"cannot write an artifact to {str(destination)!r}: it is the working directory or "
+                           "one above it; name a new directory")
+    return destination.resolve() if destination.is_symlink() else destination
+
+
 @contextmanager
-def staged_directory(destination: str | Path, force: bool = False) -> Iterator[Path]:
+def staged_directory(destination: str | Path, force: bool = False,
+                     owned: Ownership = foreign_artifact_entry) -> Iterator[Path]:
     """Yield a temporary directory next to ``destination``; on success it replaces ``destination``.
 
-    The replacement is one atomic exchange where the OS has it, so ``destination`` is never missing, not even
-    for an instant; staging directories carry the writer's PID and the next save removes those of dead writers.
+    An existing ``destination`` is replaced only with ``force`` and only if ``owned`` finds nothing in it that
+    surgeon did not write (by default: an empty directory or a surgeon artifact). The replacement is one atomic
+    exchange where the OS has it, so ``destination`` is never missing, not even for an instant; staging
+    directories carry the writer's PID and the next save removes those of dead writers.
     """
-    destination = Path(destination)
-    if destination.exists() and not force:
-        raise SurgeonError(f"{destination} already exists (use --force / force=True to replace it)")
-    if destination.exists() and not destination.is_dir():
-        raise SurgeonError(f"{destination} exists and is not a directory")
+    destination = output_directory(destination)
+    require_replaceable(destination, force, owned)
     parent = destination.parent if str(destination.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +122,13 @@ def staged_directory(destination: str | Path, force: bool = False) -> Iterator[P
         raise SurgeonError(f"cannot write into {parent}: {exc.strerror}") from exc
     try:
         yield staging
+        follow_umask(staging)
         for entry in staging.iterdir():
             if entry.is_file():
                 with open(entry, "rb") as handle:
                     os.fsync(handle.fileno())
+        if destination.exists():
+            require_replaceable(destination, force, owned)  # it may have changed while this one was written
         if destination.exists() and _exchange(staging, destination):
             shutil.rmtree(staging, ignore_errors=True)  # now holds the previous artifact
         elif destination.exists():

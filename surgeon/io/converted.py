@@ -14,7 +14,8 @@ from torch import nn
 from surgeon.api import convert
 from surgeon.errors import SurgeonError, SurgeonWarning
 from surgeon.io.checkpoint import fit_state_dict, read_state_dict
-from surgeon.io.layout import FORMAT_CONVERTED, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.layout import FORMAT_CONVERTED, base_record, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.untrusted import recorded_source
 from surgeon.ops.memory_format import apply_memory_format
 from surgeon.recipe import parse_recipe
 from surgeon.version import __version__
@@ -31,8 +32,7 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, extra_fil
         "format": FORMAT_CONVERTED,
         "version": __version__,
         "recipe": info.recipe.to_dict(),
-        "base_model": info.base.get("source"),
-        "base_class": info.base.get("class"),
+        **base_record(info.base),
         "example_input_shape": list(info.base.get("example_input_shape") or []),
         "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
         "sites": [s.to_dict() for s in info.sites if s.action != "keep"],
@@ -54,7 +54,7 @@ def reconvert(base: nn.Module, config: dict[str, Any], directory: Path) -> nn.Mo
         warnings.simplefilter("ignore", SurgeonWarning)  # said when it was converted; adapt says it again
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) if shape else None
         return convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={
-            "architecture": config.get("architecture"), "source": section.get("base_model"),
+            "architecture": config.get("architecture"), "source": recorded_source(section),
             "class": section.get("base_class"), "model_args": config.get("model_args") or {},
             "example_input_shape": shape})
 
@@ -73,7 +73,7 @@ def finish_loaded(converted: nn.Module, section: dict[str, Any]) -> nn.Module:
 def load_converted(directory: Path, config: dict[str, Any], weights: Path, model: nn.Module | None) -> nn.Module:
     """The base (``model``, else built from the recorded timm architecture) converted again, weights loaded."""
     with torch.random.fork_rng(devices=[]):  # a fresh base draws random weights: not from the caller's stream
-        base = model if model is not None else build_base(config, directory)
+        base = model if model is not None else build_base(config, directory, weights)
     converted = reconvert(base, config, directory)
     state = restore_aliases(converted, read_state_dict(weights))
     fit_state_dict(converted, state, str(weights), strict=True)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.io.atomic import current_umask
 from surgeon.io.checkpoint import sha256_file
 from surgeon.methods.quadratic.inference import QuadraConvDW
 
@@ -213,8 +214,11 @@ def export_model(model: nn.Module, out: str | Path, format: str = "onnx", inputs
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_file():
+    if out.exists() and (out.is_symlink() or not out.is_file()):
         raise ExportError(f"{out} exists and is not a file")
+    if out.exists() and not _recorded_export(out):
+        raise ExportError(f"refusing to replace {out}: surgeon did not write it (it is not an unchanged export "
+                          "recorded in the config.json beside it); choose another --out")
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     model = model.eval().cpu()
@@ -229,6 +233,7 @@ def export_model(model: nn.Module, out: str | Path, format: str = "onnx", inputs
     handle, scratch = tempfile.mkstemp(prefix=f".{out.stem}.tmp-{os.getpid()}-", suffix=FORMATS[format],
                                        dir=out.parent)
     os.close(handle)
+    os.chmod(scratch, 0o666 & ~current_umask())  # mkstemp's 0600 would follow the file into place
     scratch_path = Path(scratch)
     start = time.perf_counter()
     try:
@@ -256,11 +261,25 @@ def export_model(model: nn.Module, out: str | Path, format: str = "onnx", inputs
                         quadratic_ops=ops, bytes=size, sha256=digest, seconds=seconds, check=result_check)
 
 
+def _recorded_export(path: Path) -> bool:
+    """Whether ``path`` is an export surgeon wrote and recorded in the artifact config beside it, unchanged."""
+    from surgeon.io.names import CONFIG_NAME
+
+    config_path = path.parent / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        exports = config["surgeon"]["exports"]
+        entry = next(e for e in exports if e.get("file") == path.name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return False
+    return entry.get("sha256") == sha256_file(path)
+
+
 # ------------------------------------------------------------------------------------------ artifact record
 def record_export(directory: str | Path, result: ExportResult) -> bool:
     """List an export that lies inside an artifact directory in its ``config.json`` (so ``push`` uploads it and
     its model card shows the check); replaced atomically. False when the file is outside ``directory``."""
-    from surgeon.io.layout import CONFIG_NAME
+    from surgeon.io.names import CONFIG_NAME
 
     directory = Path(directory).resolve()
     try:
@@ -273,7 +292,8 @@ def record_export(directory: str | Path, result: ExportResult) -> bool:
     entry["file"] = relative.as_posix()
     exports = [e for e in config["surgeon"].get("exports", []) if e.get("file") != entry["file"]]
     config["surgeon"]["exports"] = [*exports, entry]
-    handle, scratch = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.tmp-", dir=directory)
+    handle, scratch = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.tmp-{os.getpid()}-", dir=directory)
+    os.chmod(scratch, config_path.stat().st_mode & 0o777)  # the config keeps its mode
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(json.dumps(config, indent=2) + "\n")

@@ -20,12 +20,11 @@ from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.io.atomic import staged_directory
 from surgeon.io.checkpoint import sha256_file
 from surgeon.io.hub import download_error, hub_cache, hub_endpoint, offline
+from surgeon.io.names import ADAPTER_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME
+from surgeon.io.schema import bare_name, parse_artifact_config, read_json
+from surgeon.io.untrusted import base_provenance, check_base_fits, check_model_args, header_shapes
 from surgeon.ops.memory_format import model_memory_format
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_CONVERTED = "converted"
 FORMAT_MERGED = "merged"
 FORMAT_ADAPTER = "adapter"
@@ -55,6 +54,13 @@ def restore_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
             for key in keys:
                 restored.setdefault(key, state[kept])
     return restored
+
+
+def base_record(base: dict[str, Any]) -> dict[str, Any]:
+    """The base fields a saved artifact records: ``base_model`` only where the weights came from that remote
+    source (a random-init or local-file base names none), and ``base_weights`` saying where they came from."""
+    base_model, base_weights = base_provenance(base.get("source"))
+    return {"base_model": base_model, "base_weights": base_weights, "base_class": base.get("class")}
 
 
 def timm_config(model: nn.Module, architecture: str | None, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -90,19 +96,36 @@ def write_artifact(model: nn.Module, directory: str | Path, config: dict[str, An
     return directory
 
 
+def _hub_snapshot(repo_id: str, patterns: list[str], revision: str | None, token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=hub_endpoint(),
+                                      cache_dir=hub_cache(), local_files_only=offline(), allow_patterns=patterns))
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # LocalEntryNotFoundError is an OSError too
+        raise download_error(exc, f"hf-hub:{repo_id}") from exc
+
+
 def resolve_directory(location: str | Path, revision: str | None = None, token: str | None = None) -> Path:
-    """A local directory for an artifact given as a path, ``local-dir:PATH`` or ``hf-hub:org/name``."""
+    """A local directory for an artifact given as a path, ``local-dir:PATH`` or ``hf-hub:org/name``.
+
+    From the Hub only the files an artifact consists of are fetched: first its config, then the weights, README
+    and exports that config lists (bare names, checked by the schema), never anything else in the repository."""
     text = str(location)
     if text.startswith("hf-hub:"):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError
-
         repo_id = text[len("hf-hub:"):]
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, token=token, endpoint=hub_endpoint(),
-                                          cache_dir=hub_cache(), local_files_only=offline()))
-        except (HfHubHTTPError, OSError, ValueError) as exc:  # LocalEntryNotFoundError is an OSError too
-            raise download_error(exc, text) from exc
+        configs = [CONFIG_NAME, ADAPTER_CONFIG_NAME]
+        directory = _hub_snapshot(repo_id, configs, revision, token)
+        name = CONFIG_NAME if (directory / CONFIG_NAME).is_file() else ADAPTER_CONFIG_NAME
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{text}: the repository has no {CONFIG_NAME} or {ADAPTER_CONFIG_NAME}")
+        raw = read_json(directory / name)
+        if not isinstance(raw, dict) or "surgeon" not in raw:
+            return directory  # not a surgeon artifact: the caller says so
+        section = parse_artifact_config(raw, directory / name).surgeon
+        files = [*configs, section.weights_file, "README.md", *(entry.file for entry in section.exports)]
+        return _hub_snapshot(repo_id, files, revision, token)
     if text.startswith("local-dir:"):
         text = text[len("local-dir:"):]
     path = Path(text)
@@ -111,49 +134,54 @@ def resolve_directory(location: str | Path, revision: str | None = None, token: 
     return path
 
 
-def read_artifact_config(directory: Path) -> dict[str, Any]:
-    config = read_config(directory)
-    section = config.get("surgeon")
-    if not isinstance(section, dict):
-        raise CheckpointError(f"{directory / CONFIG_NAME}: no 'surgeon' section (not a surgeon artifact)")
-    return config
+def read_artifact_config(directory: Path, name: str = CONFIG_NAME) -> dict[str, Any]:
+    """A surgeon artifact's config, validated against :mod:`surgeon.io.schema` (known keys, types, bounds)."""
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {name} (expected a model directory)")
+    return parse_artifact_config(read_json(path), path).model_dump()
 
 
 def verified_weights(directory: Path, section: dict[str, Any], verify: bool, config_name: str = CONFIG_NAME,
                      weights_name: str = WEIGHTS_NAME) -> Path:
-    """The weights file a config's ``surgeon`` section names (``weights_name`` if it names none), checked against
+    """The weights file a validated ``surgeon`` section names (a bare name inside ``directory``), checked against
     the SHA-256 that ``config_name`` records."""
-    weights = directory / str(section.get("weights_file", weights_name))
+    weights = directory / bare_name(str(section.get("weights_file") or weights_name))
     if not weights.is_file():
         raise CheckpointError(f"{directory}: weights file {weights.name} is missing")
-    expected = section.get("weights_sha256")
-    if verify and expected and sha256_file(weights) != expected:
+    if verify and sha256_file(weights) != section["weights_sha256"]:
         raise CheckpointError(f"{weights}: SHA-256 does not match {config_name} (file changed or corrupt); "
                               "use --no-verify / verify=False to load it anyway")
     return weights
 
 
-def build_base(config: dict[str, Any], directory: Path) -> nn.Module:
+def build_base(config: dict[str, Any], directory: Path, weights: Path) -> nn.Module:
+    """The base architecture a validated config records, built only after its constructor arguments and sizes
+    are checked against the weights file's header."""
     import timm
 
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise SurgeonError(f"{directory}: base architecture {architecture!r} is not a timm model; pass the base "
                            "model object: surgeon.load(dir, model=MyModel())")
-    args = dict(config.get("model_args") or {})
-    if "num_classes" in config:
-        args.setdefault("num_classes", config["num_classes"])
+    where = str(directory / CONFIG_NAME)
+    args = check_model_args(architecture, dict(config.get("model_args") or {}), where)
+    num_classes = config.get("num_classes")
+    if num_classes is not None:
+        args.setdefault("num_classes", num_classes)
+    check_base_fits(architecture, {k: v for k, v in args.items() if k != "num_classes"}, args.get("num_classes"),
+                    header_shapes(weights), where)
     return timm.create_model(architecture, pretrained=False, **args)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
+    """``config.json`` of a model directory, parsed (bounded size); surgeon artifacts are validated in full."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} (expected a model directory)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
+    if "surgeon" in config:
+        return parse_artifact_config(config, config_path).model_dump()
     return config

@@ -5,7 +5,6 @@ together with ``arch=``. :func:`surgeon.io.artifacts.load_model` sends surgeon a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ from torch import nn
 
 from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.io.checkpoint import WEIGHT_SUFFIXES, fit_state_dict, read_state_dict
-from surgeon.io.hub import download_error, hub_cache, hub_endpoint, offline
 from surgeon.io.layout import CONFIG_NAME
+from surgeon.io.schema import MAX_CLASSES
+from surgeon.io.untrusted import check_base_fits, check_model_args
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
 
@@ -65,13 +65,20 @@ def _classifier_outputs(architecture: str, state: dict[str, torch.Tensor]) -> in
 
 
 def from_weights_file(path: str | Path, architecture: str, strict: bool = True,
-                      model_args: dict[str, Any] | None = None) -> LoadedModel:
+                      model_args: dict[str, Any] | None = None, where: str | None = None) -> LoadedModel:
+    """``architecture`` built with the weights in ``path``. ``where`` names the config that ``model_args`` came
+    from: its sizes are then checked against the weights before the model is built."""
     state = read_state_dict(path)
     args = dict(model_args or {})
     if "num_classes" not in args:
         classes = _classifier_outputs(architecture, state)
         if classes is not None:
             args["num_classes"] = classes
+    if where is not None:
+        if not timm.is_model(architecture):
+            raise CheckpointError(f"{where}: architecture {architecture!r} is not a timm model")
+        check_base_fits(architecture, {k: v for k, v in args.items() if k != "num_classes"}, args.get("num_classes"),
+                        {key: tuple(value.shape) for key, value in state.items()}, where)
     model = _create(architecture, pretrained=False, **args)
     fit_state_dict(model, state, str(path), strict=strict)
     return LoadedModel(model.eval(), architecture, str(path), args)
@@ -89,25 +96,17 @@ def from_directory(directory: Path, config: dict[str, Any], strict: bool = True)
     architecture = config.get("architecture")
     if not isinstance(architecture, str):
         raise CheckpointError(f"{directory / CONFIG_NAME}: no 'architecture' field")
-    args = dict(config.get("model_args") or {})
+    where = str(directory / CONFIG_NAME)
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{where}: field 'model_args': expected a JSON object")
+    args = check_model_args(architecture, dict(model_args), where)
     if "num_classes" in config:
-        args.setdefault("num_classes", config["num_classes"])
-    return from_weights_file(find_weights(directory), architecture, strict=strict, model_args=args)
-
-
-def hub_config(repo_id: str, revision: str | None = None, token: str | None = None) -> dict[str, Any]:
-    """A Hub repo's ``config.json`` (downloaded, or from the cache when offline)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
-    try:
-        config_file = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=hub_endpoint(),
-                                      cache_dir=hub_cache(), local_files_only=offline())
-    except EntryNotFoundError as exc:
-        raise CheckpointError(f"hf-hub:{repo_id}: repository has no {CONFIG_NAME}") from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise download_error(exc, f"hf-hub:{repo_id}") from exc
-    return json.loads(Path(config_file).read_text(encoding="utf-8"))
+        classes = config["num_classes"]
+        if not isinstance(classes, int) or isinstance(classes, bool) or not 0 <= classes <= MAX_CLASSES:
+            raise CheckpointError(f"{where}: field 'num_classes': expected an integer from 0 to {MAX_CLASSES:,}")
+        args.setdefault("num_classes", classes)
+    return from_weights_file(find_weights(directory), architecture, strict=strict, model_args=args, where=where)
 
 
 def from_hub(repo_id: str, config: dict[str, Any]) -> LoadedModel:
@@ -129,4 +128,5 @@ def from_name_or_file(spec: str, weights: str | None = None, arch: str | None = 
     if weights is not None:
         return from_weights_file(weights, spec, strict=strict, model_args=model_args)
     model = _create(spec, pretrained=pretrained, **(model_args or {}))
-    return LoadedModel(model.eval(), spec, spec if not pretrained else f"timm:{spec}", dict(model_args or {}))
+    source = f"timm:{spec}" if pretrained else f"random-init:{spec}"
+    return LoadedModel(model.eval(), spec, source, dict(model_args or {}))

@@ -16,7 +16,9 @@ from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.graph.merge import DTYPES, MergeInfo, apply_folds
 from surgeon.graph.rewrite import set_submodule
 from surgeon.io.checkpoint import fit_state_dict, read_state_dict
-from surgeon.io.layout import FORMAT_MERGED, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.layout import FORMAT_MERGED, base_record, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.schema import LayerEntry
+from surgeon.io.untrusted import check_layers_fit, header_shapes, recorded_source
 from surgeon.methods.quadratic.inference import QuadraConvDW
 from surgeon.ops.memory_format import apply_memory_format
 from surgeon.version import __version__
@@ -30,7 +32,7 @@ def save_merged(model: nn.Module, directory: str | Path, force: bool = False,
     config = timm_config(model, info.base.get("architecture"), info.base.get("model_args") or {})
     config["surgeon"] = {
         "format": FORMAT_MERGED, "version": __version__, "recipe": info.recipe,
-        "base_model": info.base.get("source"), "base_class": info.base.get("class"), "dtype": info.dtype,
+        **base_record(info.base), "dtype": info.dtype,
         "layers": list(info.layers.values()), "folded_batchnorm": info.folded,
         "unfolded_batchnorm": info.unfolded,
         "merge_verification": info.verification,
@@ -40,13 +42,12 @@ def save_merged(model: nn.Module, directory: str | Path, force: bool = False,
 
 def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: nn.Module | None) -> nn.Module:
     section = config["surgeon"]
-    base = model if model is not None else build_base(config, directory)
+    check_layers_fit([LayerEntry.model_validate(e) for e in section.get("layers", [])], header_shapes(weights),
+                     str(directory / "config.json"))
+    base = model if model is not None else build_base(config, directory, weights)
     base.eval()
     for entry in section.get("layers", []):
-        try:
-            layer = QuadraConvDW.from_geometry(entry)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{directory / 'config.json'}: bad layer entry for {entry.get('path')!r}") from exc
+        layer = QuadraConvDW.from_geometry(entry)
         for alias in entry.get("aliases") or [entry["path"]]:
             try:
                 base.get_submodule(alias)
@@ -56,7 +57,11 @@ def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: n
             set_submodule(base, alias, layer)
     folded = section.get("folded_batchnorm") or {}
     for bn_path in folded:
-        base.get_submodule(bn_path)
+        try:
+            base.get_submodule(bn_path)
+        except AttributeError as exc:
+            raise CheckpointError(f"{directory}: folded BatchNorm path {bn_path!r} does not exist in "
+                                  f"{type(base).__name__}") from exc
     apply_folds(base, folded)
     dtype = DTYPES.get(section.get("dtype", "fp32"), torch.float32)
     base = base.to(dtype)
@@ -68,7 +73,7 @@ def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: n
     base.requires_grad_(False)
     apply_memory_format(base, section.get("memory_format"))
     base.surgeon_merge = MergeInfo(base={"architecture": config.get("architecture"),
-                                         "source": section.get("base_model"), "class": section.get("base_class"),
+                                         "source": recorded_source(section), "class": section.get("base_class"),
                                          "model_args": config.get("model_args") or {}},
                                    recipe=section.get("recipe") or {}, layers={e["path"]: e for e in
                                                                                section.get("layers", [])},

@@ -43,6 +43,7 @@ class AdaptOptions:
     seed: int = 0
     out: str | Path | None = None
     resume: bool = False
+    force: bool = False  # replace an existing ``out`` (only an empty directory or a surgeon artifact)
     stop_after: int | None = None  # train at most this many epochs in this run; the schedule still spans epochs
     device: str | None = None  # auto | cpu | cuda | cuda:N; None: wherever the model already is
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
@@ -62,6 +63,11 @@ class AdaptOptions:
         amp_dtype(self.amp)
         if self.compile is not None:
             check_backend(self.compile)
+        if self.out is not None and not self.resume:
+            from surgeon.io.atomic import output_directory
+            from surgeon.io.ownership import require_replaceable
+
+            require_replaceable(output_directory(self.out), self.force)  # before any training, not at epoch 1
 
 
 @dataclass

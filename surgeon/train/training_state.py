@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.io.names import TRAINING_STATE_NAME
 
-STATE_NAME = "training_state.pt"
+STATE_NAME = TRAINING_STATE_NAME
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:

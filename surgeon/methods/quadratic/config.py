@@ -18,8 +18,15 @@ from surgeon.methods.base import (
 )
 from surgeon.methods.quadratic.layer import AtrousKernel, conv_span, default_branches
 
+MAX_RANK = 8  # the fused CUDA kernels' compile-time bound (``SURGEON_MAX_RANK``); more is no adapter anyway
+
+
+def _rank(value: Any) -> str | None:
+    return None if positive_int(value) is None and value <= MAX_RANK else f"expected an integer from 1 to {MAX_RANK}"
+
+
 OPTIONS: dict[str, tuple[Any, Check]] = {
-    "rank": (1, positive_int),
+    "rank": (1, _rank),
     "a_kernel": (None, optional_positive_int),
     "a_dilation": (None, optional_positive_int),
     "b_kernel": (None, optional_positive_int),
