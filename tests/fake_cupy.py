@@ -131,6 +131,7 @@ class State:
     device: Any = None  # set by the fake device guard
     guard_stream: int | None = None
     stream: int | None = None
+    ml_dtypes: bool = False  # CuPy 14 takes bf16 through DLPack only when ml_dtypes is importable
 
 
 class FakeFunction:
@@ -187,7 +188,9 @@ def check_argument(kernel: str, index: int, declared: str, value: Any) -> torch.
         if not isinstance(value, FakeArray):
             raise LaunchError(f"{where}: expected an array, got {type(value).__name__}")
         want = POINTEE_DTYPES[_c_type(declared)]
-        if value.tensor.dtype != want:
+        # CuPy checks no pointee type: a same-size integer view of 16-bit storage is the same bytes
+        same_bytes = want in (torch.float16, torch.bfloat16) and value.tensor.dtype == torch.int16
+        if value.tensor.dtype != want and not same_bytes:
             raise LaunchError(f"{where}: expected {want}, got an array of {value.tensor.dtype}")
         return value.tensor
     want_type = SCALAR_TYPES[declared]
@@ -244,6 +247,8 @@ def install(state: State) -> types.ModuleType:
             state.stream = None
 
     def from_dlpack(tensor: torch.Tensor) -> FakeArray:
+        if tensor.dtype == torch.bfloat16 and not state.ml_dtypes:  # CuPy 14 without ml_dtypes
+            raise NotImplementedError("CuPy does not support bfloat16 yet")
         if tensor.requires_grad:  # what torch's __dlpack__ does
             raise BufferError("Can't export tensors that require gradient, use tensor.detach()")
         if not tensor.is_contiguous():

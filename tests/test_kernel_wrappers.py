@@ -250,3 +250,29 @@ def test_the_gpu_acceptance_check_refuses_a_machine_without_cuda():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: no CUDA device is visible (torch.cuda.is_available() is False); run this on a GPU machine"]
+
+
+def test_the_fake_refuses_bf16_through_dlpack_as_cupy_does(gpu):
+    """CuPy 14 without ml_dtypes refuses bf16 DLPack tensors; the wrappers hand 16-bit storage as int16 views."""
+    import cupy
+
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        cupy.from_dlpack(torch.zeros(4, dtype=torch.bfloat16))
+    x = torch.randn(64).to(torch.bfloat16)
+    assert torch.equal(pack_mask(x, ActivationSpec("relu", ())), bitpack.pack(x > 0, 1))
+    assert [launch.name for launch in gpu.launches] == ["mask_pack_bf16"]
+
+
+def test_a_launch_that_raises_is_one_warning_and_the_torch_route_runs(gpu, monkeypatch):
+    def refuse(cupy, tensor):
+        raise NotImplementedError("CuPy does not support this dtype")
+
+    monkeypatch.setattr(cuda_kernels, "_flat", refuse)
+    x = torch.randn(100)
+    with pytest.warns(cuda_kernels.KernelWarning, match="could not be launched .*NotImplementedError"):
+        first = pack_mask(x, ActivationSpec("relu", ()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered per (kernel, device): no second try, no second warning
+        second = pack_mask(x, ActivationSpec("relu", ()))
+    assert torch.equal(first, bitpack.pack(x > 0, 1)) and torch.equal(second, first)
+    assert ("mask_pack_f32", "cpu") in cuda_kernels.REGISTRY.disabled

@@ -149,12 +149,19 @@ def _launch(module_name: str, entry: str, grid: int, device: torch.device,
     """Launch ``entry`` on ``device``'s current stream; ``arguments(cupy)`` builds the argument tuple inside the
     stream (so DLPack exports synchronise with the right stream). False: not launched (torch route)."""
     function = _function(module_name, entry)
-    if function is None:
+    if function is None or not _enabled(entry, device):
         return False
     import cupy
 
-    with device_guard(device) as stream, cupy.cuda.ExternalStream(stream):
-        function((grid,), (BLOCK,), arguments(cupy))
+    try:
+        with device_guard(device) as stream, cupy.cuda.ExternalStream(stream):
+            function((grid,), (BLOCK,), arguments(cupy))
+    except Exception as exc:  # an argument CuPy refuses, a launch failure: the torch route, said once
+        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        REGISTRY.disabled[(entry, str(device))] = cause
+        warnings.warn(f"surgeon: CUDA kernel {entry} could not be launched on {device} ({type(exc).__name__}: "
+                      f"{cause}); the torch route runs instead", KernelWarning, stacklevel=3)
+        return False
     return True
 
 
@@ -162,6 +169,10 @@ def _flat(cupy: Any, tensor: torch.Tensor) -> Any:
     """A flat CuPy view of a tensor's storage in memory order (NHWC for channels-last)."""
     tensor = tensor.detach()
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.permute(0, 2, 3, 1).reshape(-1)
+    if flat.element_size() == 2 and flat.is_floating_point():
+        # same-size integer view: CuPy 14 takes bf16 through DLPack only with ml_dtypes installed, and the
+        # kernel already knows its storage type (pointer arguments carry bytes, not dtypes)
+        flat = flat.view(torch.int16)
     return cupy.from_dlpack(flat)
 
 
