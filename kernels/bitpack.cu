@@ -18,10 +18,11 @@ __device__ __forceinline__ void pack_codes_of(CodeOf code_of, unsigned char* out
     }
 }
 
-__device__ __forceinline__ unsigned int codebook_code(float v, float low, float step, const unsigned char* cell_codes,
-                                                      int cells) {
-    // nearest grid point low + k*step, clamped; same float operations as derivative_codebook.cell_index
-    float t = floorf((v - low) / step + 0.5f);
+__device__ __forceinline__ unsigned int codebook_code(float v, float low, float inv_step,
+                                                      const unsigned char* cell_codes, int cells) {
+    // nearest grid point low + k*step, clamped; same float operations as derivative_codebook.grid_cells: one
+    // fp32 multiply by the reciprocal the caller rounded, kept apart from the add (no FMA contraction)
+    float t = floorf(__fadd_rn(__fmul_rn(v - low, inv_step), 0.5f));
     t = fminf(fmaxf(t, 0.0f), (float)(cells - 1));
     const int k = (t == t) ? (int)t : 0;  // NaN -> cell 0
     return (unsigned int)cell_codes[k];
@@ -49,10 +50,11 @@ __device__ __forceinline__ void mask_pack(const T* x, float low, float high, uns
 }
 
 template <typename T>
-__device__ __forceinline__ void codebook_pack(const T* x, float low, float step, const unsigned char* cell_codes,
-                                              int cells, unsigned char* out, long long n, int bits) {
-    pack_codes_of([=](long long i) { return codebook_code(load_f(x, i), low, step, cell_codes, cells); }, out, n,
-                  bits);
+__device__ __forceinline__ void codebook_pack(const T* x, float low, float inv_step,
+                                              const unsigned char* cell_codes, int cells, unsigned char* out,
+                                              long long n, int bits) {
+    pack_codes_of([=](long long i) { return codebook_code(load_f(x, i), low, inv_step, cell_codes, cells); }, out,
+                  n, bits);
 }
 
 template <typename T>
@@ -74,10 +76,10 @@ __device__ __forceinline__ void rows_pack(const T* x, const float* low, const fl
                                                   long long n) {                                             \
         mask_pack<T>(x, low, high, out, n);                                                                  \
     }                                                                                                        \
-    extern "C" __global__ void codebook_pack_##SUFFIX(const T* x, float low, float step,                      \
+    extern "C" __global__ void codebook_pack_##SUFFIX(const T* x, float low, float inv_step,                  \
                                                       const unsigned char* cell_codes, int cells,            \
                                                       unsigned char* out, long long n, int bits) {          \
-        codebook_pack<T>(x, low, step, cell_codes, cells, out, n, bits);                                     \
+        codebook_pack<T>(x, low, inv_step, cell_codes, cells, out, n, bits);                                 \
     }                                                                                                        \
     extern "C" __global__ void rows_pack_##SUFFIX(const T* x, const float* low, const float* step,            \
                                                   long long width, unsigned char* out, long long n, int bits) { \

@@ -13,6 +13,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
+// round-to-nearest float operations that the CUDA compiler may not contract into an FMA; plain C++ float
+// arithmetic on x86-64 (SSE, no -ffast-math) rounds each operation the same way
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;

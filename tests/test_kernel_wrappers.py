@@ -276,3 +276,36 @@ def test_a_launch_that_raises_is_one_warning_and_the_torch_route_runs(gpu, monke
         second = pack_mask(x, ActivationSpec("relu", ()))
     assert torch.equal(first, bitpack.pack(x > 0, 1)) and torch.equal(second, first)
     assert ("mask_pack_f32", "cpu") in cuda_kernels.REGISTRY.disabled
+
+
+def test_codebook_codes_agree_bit_for_bit_over_20_seeds_of_a_million(gpu):
+    """The kernel and the torch route multiply by the same fp32 reciprocal, unfused: identical codes, where a
+    divide in one and a reciprocal multiply in the other differ on some of a million inputs."""
+    from surgeon.ops import bitpack as packing
+    from surgeon.ops.derivative_codebook import grid_cells
+
+    book = codebook("gelu", 4)
+    cells = book.cell_codes
+    for seed in range(20):
+        x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed)) * 3
+        reference = packing.pack(cells.index_select(0, grid_cells(x, book.low, book.step, cells.numel())), 4)
+        got = cuda_kernels.codebook_pack(x, cells, book.low, book.step, 4, lambda reference=reference: reference)
+        assert got is not None and torch.equal(got, reference), seed
+    assert [launch.name for launch in gpu.launches] == ["codebook_pack_f32"] * 20
+    assert not cuda_kernels.REGISTRY.disabled
+
+
+def test_the_self_check_reference_runs_without_tf32_and_at_the_output_scale(gpu):
+    torch.backends.cudnn.allow_tf32 = True
+    seen = []
+
+    def reference():
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return torch.full((8,), 1e-3)
+
+    close = torch.full((8,), 1e-3) + 5e-8  # 5e-5 relative, within 1e-4 of its scale: agrees
+    assert cuda_kernels._checked("k_small", torch.device("cpu"), close, reference, 1e-4) is close
+    off = torch.full((8,), 1e-3) + 1e-6  # 1e-3 relative: beyond 1e-4 of its own scale (a floor of 1 hid it)
+    with pytest.warns(cuda_kernels.KernelWarning, match="disagrees"):
+        cuda_kernels._checked("k_off", torch.device("cpu"), off, reference, 1e-4)
+    assert seen == [(False, False)] * 2 and torch.backends.cudnn.allow_tf32

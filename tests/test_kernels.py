@@ -186,13 +186,15 @@ def test_mask_pack_kernel(harness):
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_codebook_pack_kernel(harness, bits):
+    from surgeon.ops.derivative_codebook import inverse_step
+
     x = torch.randn(999) * 3
     book = codebook("gelu", bits)
     x[:3] = torch.tensor([-50.0, 50.0, float("nan")])  # clamped ends and NaN
     x[3:3 + book.boundaries.numel()] = book.boundaries  # exactly on the interval edges
     out = torch.zeros(bitpack.packed_numel(999, bits), dtype=torch.uint8)
     harness.launch_codebook_pack_f32(ctypes.c_uint(3), ctypes.c_uint(64), ptr(x), ctypes.c_float(book.low),
-                                     ctypes.c_float(book.step), ptr(book.cell_codes),
+                                     ctypes.c_float(inverse_step(book.step)), ptr(book.cell_codes),
                                      ctypes.c_int(book.cell_codes.numel()), ptr(out), ctypes.c_longlong(999),
                                      ctypes.c_int(bits))
     assert torch.equal(out, bitpack.pack(encode(x, book), bits))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -151,15 +152,22 @@ def codebook(function: str, bits: int) -> DerivativeCodebook:
 def cell_index(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
     """Nearest grid point of every element, clamped to the grid (NaN -> 0), as int32.
 
-    Same float operations as the CUDA kernel (subtract, divide, add 0.5, floor), so both give the same cells.
+    Same float operations as the CUDA kernel (subtract, multiply by one fp32 reciprocal of the step, add 0.5,
+    floor, none of them fused), so both give the same cells bit for bit. (Dividing would not: CUDA's torch divides
+    by a Python scalar as a multiplication by its reciprocal, the kernel would divide.)
     """
     return grid_cells(x, book.low, book.step, book.cell_codes.numel())
 
 
 def grid_cells(x: torch.Tensor, low: float, step: float, cells: int) -> torch.Tensor:
     """:func:`cell_index` from the grid's numbers alone (what the packing op receives)."""
-    t = x.float().sub(low).div_(step).add_(0.5).floor_().clamp_(0, cells - 1).nan_to_num_(0.0)
+    t = x.float().sub(low).mul_(inverse_step(step)).add_(0.5).floor_().clamp_(0, cells - 1).nan_to_num_(0.0)
     return t.to(torch.int32)
+
+
+def inverse_step(step: float) -> float:
+    """``1 / step`` rounded to fp32 once: the factor both the torch route and the kernel multiply by."""
+    return struct.unpack("f", struct.pack("f", 1.0 / step))[0]
 
 
 def encode(x: torch.Tensor, book: DerivativeCodebook) -> torch.Tensor:
