@@ -84,7 +84,7 @@ def _base_model(config: dict, directory: Path, load_base: BaseLoader) -> nn.Modu
     args = dict(config.get("model_args") or {})
     args.pop("num_classes", None)  # the base checkpoint's own head; a head reset for training is set below
     if args:  # constructor arguments may change details, never grow the model beyond its default size
-        check_base_fits(architecture, args, None, shape_table(meta_model(architecture, {}, where)), where)
+        check_base_fits(architecture, args, shape_table(meta_model(architecture, {}, where)), where)
     spec = base_spec(section.get("base_model"), section.get("base_weights"), architecture, where)
     depth = _BASE_DEPTH.get()
     if depth >= MAX_BASE_DEPTH:
@@ -112,7 +112,7 @@ def _check_config(config: dict, directory: Path, weights: Path) -> None:
         return
     check_model_args(architecture, args, where)
     if "num_classes" in args:
-        check_base_fits(architecture, {}, args["num_classes"], header_shapes(weights), where, model=False)
+        check_base_fits(architecture, {"num_classes": args["num_classes"]}, header_shapes(weights), where, model=False)
 
 
 def _check_head(base: nn.Module, classes: int | None, weights: Path, where: str) -> None:

@@ -169,8 +169,7 @@ def build_base(config: dict[str, Any], directory: Path, weights: Path) -> nn.Mod
     num_classes = config.get("num_classes")
     if num_classes is not None:
         args.setdefault("num_classes", num_classes)
-    check_base_fits(architecture, {k: v for k, v in args.items() if k != "num_classes"}, args.get("num_classes"),
-                    header_shapes(weights), where)
+    check_base_fits(architecture, args, header_shapes(weights), where)
     return timm.create_model(architecture, pretrained=False, **args)
 
 

@@ -77,8 +77,7 @@ def from_weights_file(path: str | Path, architecture: str, strict: bool = True,
     if where is not None:
         if not timm.is_model(architecture):
             raise CheckpointError(f"{where}: architecture {architecture!r} is not a timm model")
-        check_base_fits(architecture, {k: v for k, v in args.items() if k != "num_classes"}, args.get("num_classes"),
-                        {key: tuple(value.shape) for key, value in state.items()}, where)
+        check_base_fits(architecture, args, {key: tuple(value.shape) for key, value in state.items()}, where)
     model = _create(architecture, pretrained=False, **args)
     fit_state_dict(model, state, str(path), strict=strict)
     return LoadedModel(model.eval(), architecture, str(path), args)

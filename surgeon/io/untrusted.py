@@ -111,12 +111,13 @@ def _elements(shapes: typing.Iterable[tuple[int, ...]]) -> int:
     return total
 
 
-def check_base_fits(architecture: str, args: dict[str, Any], num_classes: int | None,
-                    shapes: dict[str, tuple[int, ...]], where: str, model: bool = True) -> None:
-    """Refuse a config whose ``num_classes`` disagrees with the classifier weights the file holds, or (``model``)
-    whose base would be larger than the file holds (a size bomb in ``model_args``)."""
+def check_base_fits(architecture: str, args: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str,
+                    model: bool = True) -> None:
+    """Refuse a config whose ``num_classes`` (in ``args``) disagrees with the classifier weights the file holds,
+    or (``model``) whose base would be larger than the file holds (a size bomb in ``model_args``)."""
     import timm
 
+    num_classes = args.get("num_classes")
     cfg = timm.get_pretrained_cfg(architecture)
     classifier = getattr(cfg, "classifier", None) if cfg is not None else None
     for name in classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []:
@@ -130,8 +131,7 @@ def check_base_fits(architecture: str, args: dict[str, Any], num_classes: int | 
                                   f"{name}.weight for such a head")
     if not model:
         return
-    built = meta_model(architecture, {**args, **({"num_classes": num_classes} if num_classes is not None else {})},
-                       where)
+    built = meta_model(architecture, args, where)
     wanted = _elements(tuple(t.shape) for t in built.state_dict().values())
     held = _elements(shapes.values())
     if wanted > _MAX_ELEMENT_GROWTH * held + (1 << 20):
