@@ -71,6 +71,58 @@ __device__ __forceinline__ void rows_pack(const T* x, const float* low, const fl
     }, out, n, bits);
 }
 
+template <typename T>
+__device__ __forceinline__ void rows_range_partial(const T* x, long long rows, long long width, int segments,
+                                                   float* partial) {
+    // thread (row, segment s) takes the row's elements s, s + segments, ...: neighbouring threads read
+    // neighbouring elements. Only finite values count; a segment without any leaves (-inf, +inf).
+    SURGEON_GRID_STRIDE_LOOP(t, rows * segments) {
+        const long long row = t / segments;
+        const T* values = x + row * width;
+        float high = -SURGEON_INFINITY, low = SURGEON_INFINITY;
+        for (long long i = t - row * segments; i < width; i += segments) {
+            const float v = load_f(values, i);
+            if (fabsf(v) <= SURGEON_FLT_MAX) {
+                high = fmaxf(high, v);
+                low = fminf(low, v);
+            }
+        }
+        partial[2 * t] = high;
+        partial[2 * t + 1] = low;
+    }
+}
+
+extern "C" __global__ void rows_range_finish(const float* partial, long long rows, int segments, float inv_levels,
+                                             int nonnegative, float* low_out, float* step_out) {
+    // per row: ends over its segments; a row without a finite value gets (0, 0); nonnegative rows start at 0.
+    // step = max((high - low) * inv_levels, FLT_MIN), unfused, as the torch route computes it
+    SURGEON_GRID_STRIDE_LOOP(row, rows) {
+        float high = -SURGEON_INFINITY, low = SURGEON_INFINITY;
+        for (int s = 0; s < segments; ++s) {
+            high = fmaxf(high, partial[2 * (row * segments + s)]);
+            low = fminf(low, partial[2 * (row * segments + s) + 1]);
+        }
+        if (high < low) high = low = 0.0f;
+        if (nonnegative) low = 0.0f;
+        low_out[row] = low;
+        step_out[row] = fmaxf(__fmul_rn(high - low, inv_levels), SURGEON_FLT_MIN);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rows_unpack(const unsigned char* packed, const float* low, const float* step,
+                                            long long width, T* out, long long n, int bits) {
+    // inverse of rows_pack: code * step[row] + low[row] (low may be null: 0), unfused, rounded once to T
+    const int per_byte = 8 / bits;
+    const unsigned int mask = (1u << bits) - 1u;
+    SURGEON_GRID_STRIDE_LOOP(i, n) {
+        const long long row = i / width;
+        const unsigned int code = (packed[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+        const float scaled = __fmul_rn((float)code, step[row]);
+        store_f(out, i, low ? __fadd_rn(scaled, low[row]) : scaled);
+    }
+}
+
 #define SURGEON_PACK_ENTRIES(SUFFIX, T)                                                                    \
     extern "C" __global__ void mask_pack_##SUFFIX(const T* x, float low, float high, unsigned char* out,      \
                                                   long long n) {                                             \
@@ -84,6 +136,15 @@ __device__ __forceinline__ void rows_pack(const T* x, const float* low, const fl
     extern "C" __global__ void rows_pack_##SUFFIX(const T* x, const float* low, const float* step,            \
                                                   long long width, unsigned char* out, long long n, int bits) { \
         rows_pack<T>(x, low, step, width, out, n, bits);                                                     \
+    }                                                                                                        \
+    extern "C" __global__ void rows_range_partial_##SUFFIX(const T* x, long long rows, long long width,       \
+                                                           int segments, float* partial) {                   \
+        rows_range_partial<T>(x, rows, width, segments, partial);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void rows_unpack_##SUFFIX(const unsigned char* packed, const float* low,            \
+                                                    const float* step, long long width, T* out, long long n, \
+                                                    int bits) {                                              \
+        rows_unpack<T>(packed, low, step, width, out, n, bits);                                              \
     }
 
 SURGEON_PACK_ENTRIES(f32, float)

@@ -53,6 +53,9 @@ __device__ __forceinline__ void store_f(surgeon_bfloat16* p, long long i, float 
 
 // The largest finite float: an upper bound above it means "no upper bound" (ReLU's mask passes +inf).
 #define SURGEON_FLT_MAX 3.402823466e+38f
+// The smallest normal float (a step never below it), and infinity, without a CUDA header.
+#define SURGEON_FLT_MIN 1.175494351e-38f
+#define SURGEON_INFINITY bits_float(0x7F800000u)
 
 #define SURGEON_GRID_STRIDE_LOOP(index, total)                                                        \
     for (long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x; index < (total);          \

@@ -23,6 +23,8 @@ struct dim3 {
 };
 extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+using std::fabs;
+inline float fabsf(float v) { return std::fabs(v); }
 using std::fmaxf;
 using std::fminf;
 using std::rintf;

@@ -113,17 +113,27 @@ def test_quadconv_weights_are_cast_once_and_recast_when_they_change(gpu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_pack_wrappers_match_the_torch_packers(gpu, dtype, monkeypatch):
+    from surgeon.ops.row_quantizer import dequantize_rows
+
     torch.manual_seed(0)
     x = (torch.randn(3, 7, 5, 11) * 4).to(dtype).requires_grad_(True)  # as inside an autograd forward
-    rows = torch.randn(13, 37).to(dtype)
+    rows = torch.randn(13, 150).to(dtype)
+    rows[2, 7], rows[5, 0], rows[6] = float("inf"), float("nan"), float("-inf")  # finite-only ranges, an empty row
     relu, book = ActivationSpec("relu6", ()), codebook("gelu", 4)
-    q = quantize_rows(rows, 4)
-    got = (pack_mask(x, relu), pack_codes(x, book, 4), q.packed)
-    assert {launch.name for launch in gpu.launches} == {f"{kind}_{fake_cupy_suffix(dtype)}"
-                                                        for kind in ("mask_pack", "codebook_pack", "rows_pack")}
+
+    def results():
+        q, probs = quantize_rows(rows, 4), quantize_rows(rows.abs(), 4, nonnegative=True)
+        return (pack_mask(x, relu), pack_codes(x, book, 4), *q.tensors(), *probs.tensors(),
+                dequantize_rows(*q.tensors(), 13, 150, 4, dtype), dequantize_rows(*probs.tensors(), 13, 150, 4, dtype))
+
+    got = results()
+    suffix = fake_cupy_suffix(dtype)
+    assert {launch.name for launch in gpu.launches} == {
+        *(f"{kind}_{suffix}" for kind in ("mask_pack", "codebook_pack", "rows_pack", "rows_range_partial",
+                                         "rows_unpack")), "rows_range_finish"}
+    assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
     monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
-    want = (pack_mask(x, relu), pack_codes(x, book, 4), quantize_rows(rows, 4).packed)
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(got, results(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -228,7 +238,10 @@ def test_fused_ops_are_real_torch_library_ops():
     q = quantize_rows(rows, 4)
     cases = [(kernel_ops.quadratic_dwconv, conv_args), (kernel_ops.mask_pack, (x, 0.0, 6.0)),
              (kernel_ops.codebook_pack, (x, book.cell_codes, book.low, book.step, 4)),
-             (kernel_ops.rows_pack, (rows, q.offset, q.step, 4)), (kernel_ops.rows_pack, (rows.abs(), None, q.step, 4))]
+             (kernel_ops.rows_pack, (rows, q.offset, q.step, 4)), (kernel_ops.rows_pack, (rows.abs(), None, q.step, 4)),
+             (kernel_ops.rows_range, (rows, 4, False)), (kernel_ops.rows_range, (rows, 8, True)),
+             (kernel_ops.rows_unpack, (q.packed, q.offset, q.step, 6, 20, 4, torch.bfloat16)),
+             (kernel_ops.rows_unpack, (q.packed, None, q.step, 6, 20, 4, torch.float32))]
     for op, args in cases:  # schema, fake (meta) implementation, dispatch under compile/export tracing
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

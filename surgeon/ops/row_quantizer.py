@@ -7,12 +7,10 @@ minimum and step, stored in fp32 beside the bit-packed codes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from surgeon.ops import bitpack
 from surgeon.ops.memory_format import is_channels_last
 
 
@@ -41,29 +39,18 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way)."""
     width = matrix.shape[-1]
     rows = matrix.numel() // max(width, 1)
-    levels = 2**bits - 1
     if matrix.dim() != 2:
         flat = _as_matrix(matrix)
-        if flat is not None or matrix.is_cuda:  # the CUDA kernel reads a matrix: copy only there
+        if flat is not None or matrix.is_cuda:  # the CUDA kernels read a matrix: copy only there
             matrix = flat if flat is not None else matrix.reshape(rows, width)
-    # row ends in the input's own dtype (exact), then fp32: no fp32 copy of a half-precision matrix (amax and amin
-    # separately: torch.aminmax is several times slower on the CPU)
-    high = matrix.amax(dim=-1, keepdim=True).float().reshape(rows, 1)
-    low = high.new_zeros(rows, 1) if nonnegative else matrix.amin(dim=-1, keepdim=True).float().reshape(rows, 1)
-    # compiled graphs take the finite-only range unconditionally (no data-dependent branch; fused anyway)
-    finite_ends = not torch.compiler.is_compiling() and bool(torch.isfinite(high).all() and torch.isfinite(low).all())
-    if not finite_ends:
-        low, high = _finite_range(matrix, nonnegative)
-    step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
-    # every value lies between its row's own min and max, so the packer may skip its clamp and NaN passes - not for
-    # probabilities (their 0 is a promise, not a min) nor for a range beyond fp32 (±3e38 in one row)
-    in_range = finite_ends and not nonnegative and bool(torch.isfinite(step).all())
-    offset = high.new_zeros(0) if nonnegative else low
     from surgeon.ops.kernels import (
         library as kernel_ops,  # imported here: kernel_ops (through cuda_kernels) imports this module
     )
 
-    packed = kernel_ops.rows_pack(matrix.detach(), None if nonnegative else low, step, bits, in_range)
+    # the range and the codes are both decided on the device: nothing here reads a value back to the host
+    low, step = kernel_ops.rows_range(matrix.detach(), bits, nonnegative)
+    packed = kernel_ops.rows_pack(matrix.detach(), None if nonnegative else low, step, bits)
+    offset = low.new_zeros(0) if nonnegative else low
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 
@@ -75,26 +62,12 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _finite_range(values: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ends over finite values only (0 for a row with none). Only runs when a row holds a non-finite
-    value; the packer then saturates ±inf and sends NaN to code 0."""
-    rows = values.numel() // max(values.shape[-1], 1)
-    finite = torch.isfinite(values)
-    high = values.masked_fill(~finite, -math.inf).amax(dim=-1, keepdim=True).float().reshape(rows, 1)
-    low = high.new_zeros(rows, 1) if nonnegative else \
-        values.masked_fill(~finite, math.inf).amin(dim=-1, keepdim=True).float().reshape(rows, 1)
-    empty = ~finite.any(dim=-1, keepdim=True).reshape(rows, 1)
-    high = high.masked_fill(empty, 0.0)
-    low = low.masked_fill(empty, 0.0)
-    return low, high
-
-
 def dequantize_rows(packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rows: int, width: int,
                     bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_rows` (up to the rounding): a ``[rows, width]`` tensor of ``dtype``."""
-    codes = bitpack.unpack(packed, bits, rows * width).view(rows, width)
-    values = codes.float().mul_(step)  # in place: one full-size fp32 tensor, not three
-    return (values.add_(offset) if offset.numel() else values).to(dtype)
+    from surgeon.ops.kernels import library as kernel_ops
+
+    return kernel_ops.rows_unpack(packed, offset if offset.numel() else None, step, rows, width, bits, dtype)
 
 
 def as_groups(tensor: torch.Tensor, group_size: int) -> torch.Tensor:

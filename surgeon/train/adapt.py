@@ -267,7 +267,10 @@ def _train_epoch(run: _Run, train_loader: Iterable[Any], epoch: int, show_bar: b
         for norm in run.model.modules():
             if isinstance(norm, nn.modules.batchnorm._BatchNorm):
                 norm.eval()
-    started, images_seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+    started, images_seen, batches = time.perf_counter(), 0, 0
+    # the loss is summed on the device and read every BAR_INTERVAL steps and at the end: a read per step would be a
+    # host sync per step, and the CPU could not queue the next step's work while the device runs this one
+    loss_total = torch.zeros((), dtype=torch.float32, device=run.device)
     bar = _Bar(len(train_loader), epoch, opts.epochs) if show_bar else None  # type: ignore[arg-type]
     for images, targets in train_loader:
         images, targets = _to_device(images, targets, run.device, opts.channels_last)
@@ -281,14 +284,16 @@ def _train_epoch(run: _Run, train_loader: Iterable[Any], epoch: int, show_bar: b
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
-        loss_sum += loss.item()
+        loss_total += loss.detach()
         batches += 1
         images_seen += images.shape[0]
         if bar is not None:
-            bar.update(loss.item(), images_seen / (time.perf_counter() - started))
+            bar.advance()
+            if batches % BAR_INTERVAL == 0:
+                bar.show(loss_total.item() / batches, images_seen / (time.perf_counter() - started))
     if bar is not None:
         bar.close()
-    loss_sum, batches, images_seen = all_reduce([loss_sum, batches, images_seen], run.device)
+    loss_sum, batches, images_seen = all_reduce([loss_total.item(), batches, images_seen], run.device)
     elapsed = time.perf_counter() - started
     return EpochResult(epoch=epoch, train_loss=loss_sum / max(batches, 1), lr=run.optimizer.param_groups[0]["lr"],
                        images_per_second=images_seen / elapsed if elapsed else 0.0)
@@ -316,6 +321,9 @@ def _checkpoint(model: nn.Module, out: str | Path, epoch: int, optimizer: torch.
     save(model, out, force=True, extra_writer=lambda staging: torch.save(state, staging / STATE_NAME))
 
 
+BAR_INTERVAL = 20  # steps between the progress bar's loss readings (each one is a host sync)
+
+
 class _Bar:
     def __init__(self, total: int, epoch: int, epochs: int) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -325,8 +333,11 @@ class _Bar:
         self.task = self.progress.add_task("train", total=total, status="")
         self.progress.start()
 
-    def update(self, loss: float, throughput: float) -> None:
-        self.progress.update(self.task, advance=1, status=f"loss {loss:.4f} · {throughput:.1f} img/s")
+    def advance(self) -> None:
+        self.progress.update(self.task, advance=1)
+
+    def show(self, mean_loss: float, throughput: float) -> None:
+        self.progress.update(self.task, status=f"loss {mean_loss:.4f} · {throughput:.1f} img/s")
 
     def close(self) -> None:
         self.progress.stop()

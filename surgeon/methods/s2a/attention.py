@@ -58,9 +58,8 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         probs = scores.softmax(dim=-1)
         if mask is not None:
             # a query that may attend to nothing gets zeros (output and gradients), as the fused op returns
-            dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
-            if bool(dead.any()):
-                probs = probs.masked_fill(dead, 0.0)
+            # (decided on the device: a host-side "any dead?" test would be a sync per attention call)
+            probs = probs.masked_fill(torch.isneginf(mask).all(dim=-1, keepdim=True), 0.0)
         ctx.probs_shape, ctx.bits, ctx.scale, ctx.dropout_p = probs.shape, bits, scale, dropout_p
         dropped = probs
         saved_mask: tuple[torch.Tensor, ...] = ()

@@ -365,5 +365,62 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
     return _checked(entry, rows.device, out, reference, None)
 
 
+RANGE_SEGMENT = 64  # elements per thread of a row's range pass (at most MAX_RANGE_SEGMENTS threads per row)
+MAX_RANGE_SEGMENTS = 1024
+
+
+def rows_range(rows: torch.Tensor, bits: int, nonnegative: bool,
+               reference: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row finite ``(low, step)`` of a CUDA matrix in two kernels: partial ends of row segments (neighbouring
+    threads read neighbouring elements), then one thread per row. Nothing is read back to the host."""
+    import numpy as np
+
+    from surgeon.ops.row_range import inverse_levels
+
+    flat = _pack_input(rows)
+    entry = f"rows_range_partial_{_DTYPE_SUFFIX.get(rows.dtype)}"
+    if flat is None or not (_enabled(entry, rows.device) and _enabled("rows_range_finish", rows.device)):
+        return None
+    count, width = rows.shape
+    segments = max(1, min(MAX_RANGE_SEGMENTS, (width + RANGE_SEGMENT - 1) // RANGE_SEGMENT))
+    partial = torch.empty(count * segments * 2, dtype=torch.float32, device=rows.device)
+    low = torch.empty(count, 1, dtype=torch.float32, device=rows.device)
+    step = torch.empty(count, 1, dtype=torch.float32, device=rows.device)
+    if not _launch("bitpack.cu", entry, _grid(count * segments), rows.device, lambda cupy: (
+            _flat(cupy, flat), np.int64(count), np.int64(width), np.int32(segments), _flat(cupy, partial))):
+        return None
+    if not _launch("bitpack.cu", "rows_range_finish", _grid(count), rows.device, lambda cupy: (
+            _flat(cupy, partial), np.int64(count), np.int32(segments), np.float32(inverse_levels(bits)),
+            np.int32(nonnegative), _flat(cupy, low), _flat(cupy, step))):
+        return None
+    both = torch.cat((low, step), dim=1)
+    if _checked(entry, rows.device, both, lambda: torch.cat(reference(), dim=1), None) is not both:
+        return None  # disagreed on its first use: the torch route from now on
+    return low, step
+
+
+def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, rows: int, width: int,
+                bits: int, dtype: torch.dtype, reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """``code * step + offset`` per row, written in ``dtype`` by one kernel."""
+    import numpy as np
+
+    entry = f"rows_unpack_{_DTYPE_SUFFIX.get(dtype)}"
+    if dtype not in _DTYPE_SUFFIX or packed.dtype != torch.uint8 or not _enabled(entry, packed.device):
+        return None
+    out = torch.empty(rows, width, dtype=dtype, device=packed.device)
+    source = packed.detach().contiguous()
+    low = offset.detach().float().contiguous() if offset is not None else None
+    scale = step.detach().float().contiguous()
+    if not _launch("bitpack.cu", entry, _grid(out.numel()), packed.device, lambda cupy: (
+            _flat(cupy, source), _flat(cupy, low) if low is not None else np.uint64(0), _flat(cupy, scale),
+            np.int64(width), _flat(cupy, out), np.int64(out.numel()), np.int32(bits))):
+        return None
+    return _checked(entry, packed.device, out, reference, None)
+
+
+def _grid(threads: int) -> int:
+    return max(1, min((threads + BLOCK - 1) // BLOCK, 65535 * 8))
+
+
 def _pack_grid(out: torch.Tensor) -> int:
     return max(1, min((out.numel() + BLOCK - 1) // BLOCK, 65535 * 8))

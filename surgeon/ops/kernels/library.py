@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from surgeon.ops import bitpack
 from surgeon.ops.derivative_codebook import grid_cells
 from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.row_range import finite_row_range
 
 
 def _packed_like(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -118,6 +119,49 @@ def rows_pack(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tenso
 def _(rows: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, bits: int,
       in_range: bool = False) -> torch.Tensor:
     return _packed_like(rows, bits)
+
+
+@torch.library.custom_op("surgeon::rows_range", mutates_args=())
+def rows_range(rows: torch.Tensor, bits: int, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(low, step)`` (``[rows, 1]`` fp32) over each row's finite values, for ``rows_pack``; decided on the
+    device, so quantizing reads nothing back to the host (see :mod:`surgeon.ops.row_range`)."""
+
+    def torch_route() -> tuple[torch.Tensor, torch.Tensor]:
+        return finite_row_range(rows, bits, nonnegative)
+
+    ranged = None
+    if cuda_kernels.usable(rows) and rows.dim() == 2:
+        ranged = cuda_kernels.rows_range(rows, bits, nonnegative, torch_route)
+    return ranged if ranged is not None else torch_route()
+
+
+@rows_range.register_fake
+def _(rows: torch.Tensor, bits: int, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    count = rows.numel() // max(rows.shape[-1], 1) if rows.dim() else 1
+    return (rows.new_empty((count, 1), dtype=torch.float32), rows.new_empty((count, 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("surgeon::rows_unpack", mutates_args=())
+def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, rows: int, width: int,
+                bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, width]`` of ``dtype``: ``code * step + offset`` per row (offset None: 0), the inverse of
+    ``rows_pack`` up to its rounding; one kernel on the GPU instead of an unpack, a cast and two passes."""
+
+    def torch_route() -> torch.Tensor:
+        codes = bitpack.unpack(packed, bits, rows * width).view(rows, width)
+        values = codes.float().mul_(step)  # in place: one full-size fp32 tensor, not three
+        return (values.add_(offset) if offset is not None else values).to(dtype)
+
+    unpacked = None
+    if cuda_kernels.usable(packed):
+        unpacked = cuda_kernels.rows_unpack(packed, offset, step, rows, width, bits, dtype, torch_route)
+    return unpacked if unpacked is not None else torch_route()
+
+
+@rows_unpack.register_fake
+def _(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, rows: int, width: int, bits: int,
+      dtype: torch.dtype) -> torch.Tensor:
+    return packed.new_empty((rows, width), dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ quadratic conv
