@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+
+from surgeon.ops import derivative_codebook
+from surgeon.ops.kernels import cuda as cuda_kernels
+from tests import fake_cupy
 
 torch.set_num_threads(2)
 
@@ -30,3 +36,41 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.skipped and call.excinfo is not None and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"test was skipped ({call.excinfo.value}); core tests may not skip"
+
+
+@pytest.fixture(scope="module")
+def fake_cupy_harness(tmp_path_factory):
+    """The kernels built with g++ behind the fake CuPy's generic launch entry."""
+    return fake_cupy.build_harness(tmp_path_factory.mktemp("fake-cupy"))
+
+
+@pytest.fixture()
+def gpu(fake_cupy_harness, monkeypatch):
+    """CPU tensors stand for device tensors; CuPy is the fake; the device guard records what it guards."""
+    state = fake_cupy.State(*fake_cupy_harness)
+    # the wrappers' tests run the kernel itself; tests/test_autotune.py drives the choice between routes
+    monkeypatch.setenv("SURGEON_QUADCONV_ROUTE", "fused")
+    monkeypatch.setenv("SURGEON_AUTOTUNE_CACHE", "off")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy.install(state))
+    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: True)
+
+    @contextmanager
+    def guard(device):
+        state.device, state.guard_stream = device, 0xC0FFEE
+        try:
+            yield state.guard_stream
+        finally:
+            state.device = state.guard_stream = None
+
+    monkeypatch.setattr(cuda_kernels, "device_guard", guard)
+    cuda_kernels.REGISTRY.clear()
+    clear_device_copies()
+    yield state
+    cuda_kernels.REGISTRY.clear()
+    clear_device_copies()
+
+
+def clear_device_copies() -> None:
+    """Codebooks keep per-device copies; a test's fake device must not see another test's copies."""
+    for book in derivative_codebook._READY.values():
+        book.on_device.clear()

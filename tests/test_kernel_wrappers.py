@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from surgeon.methods.s2a.activation import pack_codes, pack_mask
-from surgeon.ops import bitpack, derivative_codebook
+from surgeon.ops import bitpack
 from surgeon.ops.activations import ActivationSpec
 from surgeon.ops.derivative_codebook import codebook
 from surgeon.ops.kernels import cuda as cuda_kernels
@@ -25,41 +24,6 @@ from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.row_quantizer import quantize_rows
 from tests import fake_cupy
 from tests.test_kernels import merged_layer
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    return fake_cupy.build_harness(tmp_path_factory.mktemp("fake-cupy"))
-
-
-@pytest.fixture()
-def gpu(harness, monkeypatch):
-    """CPU tensors stand for device tensors; CuPy is the fake; the device guard records what it guards."""
-    state = fake_cupy.State(*harness)
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy.install(state))
-    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: True)
-
-    @contextmanager
-    def guard(device):
-        state.device, state.guard_stream = device, 0xC0FFEE
-        try:
-            yield state.guard_stream
-        finally:
-            state.device = state.guard_stream = None
-
-    monkeypatch.setattr(cuda_kernels, "device_guard", guard)
-    cuda_kernels.REGISTRY.clear()
-    clear_device_copies()
-    yield state
-    cuda_kernels.REGISTRY.clear()
-    clear_device_copies()
-
-
-def clear_device_copies() -> None:
-    """Codebooks keep per-device copies; a test's fake device must not see another test's copies."""
-    for book in derivative_codebook._READY.values():
-        book.on_device.clear()
-
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

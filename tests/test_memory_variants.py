@@ -214,3 +214,30 @@ def test_squeeze_excite_gates_are_converted():
     assert with_gates * 1.3 <= saved_for_backward(without_gates.train(), x).bytes
     merged = surgeon.merge(converted)
     assert type(merged) is type(model)
+
+
+def test_frozen_batch_norm_scale_is_remembered_until_its_statistics_change(seeded):
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_(1, 0.3)
+    bn.weight.requires_grad_(False)
+    bn.bias.requires_grad_(False)
+    variant = make_variant(bn, FrozenBatchNorm)
+    x, grad = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+
+    def input_grad() -> torch.Tensor:
+        leaf = x.clone().requires_grad_(True)
+        return torch.autograd.grad(variant(leaf), leaf, grad)[0]
+
+    def expected() -> torch.Tensor:
+        return grad * (bn.weight / (bn.running_var + bn.eps).sqrt()).view(1, -1, 1, 1)
+
+    first = input_grad()
+    torch.testing.assert_close(first, expected())
+    assert torch.equal(input_grad(), first)  # the remembered scale
+    with torch.no_grad():
+        bn.running_var.mul_(4.0)  # in place: only the version counter shows it
+    changed = input_grad()
+    torch.testing.assert_close(changed, expected())
+    torch.testing.assert_close(changed, first / 2)

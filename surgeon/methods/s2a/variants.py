@@ -92,13 +92,30 @@ class InputFreeConv:
 
 
 # ------------------------------------------------------------------------------------------ batch norm
-class _FrozenBatchNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+def frozen_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``weight / sqrt(running_var + eps)``, the frozen norm's whole backward. Made once and remembered on the
+    module until the running variance or the weight changes (their version counters say when), so a training
+    step does not recompute the same constant with three small ops per norm."""
+    if torch.compiler.is_compiling():  # a compiled graph computes it once per graph anyway, fused
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        return (scale * bn.weight if bn.weight is not None else scale).detach()
+    tensors = [t for t in (bn.running_var, bn.weight) if t is not None]
+    stamp = (*((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors), bn.eps)
+    cached = bn.__dict__.get("_surgeon_frozen_scale")
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    with torch.no_grad():
         scale = bn.running_var.add(bn.eps).rsqrt()
         if bn.weight is not None:
             scale = scale * bn.weight
-        ctx.save_for_backward(scale.detach())
+    bn.__dict__["_surgeon_frozen_scale"] = (stamp, scale)
+    return scale
+
+
+class _FrozenBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+        ctx.save_for_backward(frozen_scale(bn))
         ctx.input_dtype = x.dtype
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
@@ -129,40 +146,56 @@ class FrozenBatchNorm:
 
 # ------------------------------------------------------------------------------------------ layer norm
 class _QuantizedLayerNormFn(torch.autograd.Function):
-    """Keeps the normalised input at ``bits`` and the per-row ``rstd``; backward is ATen's fused layer-norm
-    backward run on the dequantized normalised rows (mean 0, rstd 1), scaled by the true ``rstd`` afterwards, so
-    no chain of full-size temporaries is formed."""
+    """Keeps the input rows at ``bits`` (each row's offset shifted by its mean) and the per-row ``rstd`` that the
+    forward computed; backward is ATen's fused layer-norm backward on the dequantized, centred rows. Quantizing
+    ``x`` or the normalised rows is the same precision (one is an affine map of the other, row by row), and
+    keeping ``x`` lets the forward be one ``native_layer_norm``: the module's output plus the statistics backward
+    needs, with no second normalisation pass and no chain of small ops."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module,
                 channel_dim: int, bits: int) -> torch.Tensor:
-        y = norm._surgeon_base_class.forward(norm, x)
-        moved = x.movedim(channel_dim, -1).float()
+        moved = x.movedim(channel_dim, -1)
         width = moved.shape[-1]
-        normalized, _, rstd = torch.native_layer_norm(moved, [width], None, None, norm.eps)
-        quantized = quantize_rows(normalized.reshape(-1, width), bits)
-        del normalized
+        if getattr(norm, "_fast_norm", False):  # timm's fused kernels: the module's own output, statistics apart
+            y = norm._surgeon_base_class.forward(norm, x)
+            _, mean, rstd = torch.native_layer_norm(moved.float(), [width], None, None, norm.eps)
+        else:
+            # what F.layer_norm runs (aten's layer_norm is native_layer_norm's first output); under autocast
+            # layer_norm runs in fp32 on fp32 copies of its tensors, so do the same
+            autocast = torch.is_autocast_enabled(x.device.type)
+            args = (moved, weight, bias)
+            if autocast:
+                args = tuple(t.float() if t is not None else None for t in args)
+            y_moved, mean, rstd = torch.native_layer_norm(args[0], [width], args[1], args[2], norm.eps)
+            y = y_moved.movedim(-1, channel_dim)
+        quantized = quantize_rows(moved.detach(), bits)  # rows in any strides: no copy of a permuted input
         ctx.meta = (moved.shape, channel_dim, bits, quantized.rows, quantized.width, x.dtype)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.param_dtype = next((t.dtype for t in (weight, bias) if t is not None), None)
-        ctx.save_for_backward(*quantized.tensors(), rstd.reshape(-1, 1), *(t for t in (weight,) if t is not None))
+        # backward needs only x - mean: shift each row's offset by its mean instead of keeping the mean
+        centred_offset = quantized.offset - mean.float().reshape(-1, 1)
+        ctx.save_for_backward(quantized.packed, centred_offset, quantized.step, rstd.float().reshape(-1, 1),
+                              *(t for t in (weight,) if t is not None))
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         shape, channel_dim, bits, rows, width, dtype = ctx.meta
-        packed, offset, step, rstd, *rest = ctx.saved_tensors
-        normalized = dequantize_rows(packed, offset, step, rows, width, bits, torch.float32)
-        g = grad.movedim(channel_dim, -1).reshape(-1, width).float()
+        packed, centred_offset, step, rstd, *rest = ctx.saved_tensors
+        centred = dequantize_rows(packed, centred_offset, step, rows, width, bits, torch.float32).view(shape)
+        g = grad.movedim(channel_dim, -1).float()
         weight = rest[0].float() if ctx.has_weight else None
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        # the bias only gives the bias gradient its shape: its values take no part in backward
+        bias_like = (weight if weight is not None else g.new_empty(width)) if need_b else None
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            g, normalized, [width], rstd.new_zeros(rows, 1), rstd.new_ones(rows, 1), weight,
-            weight.new_zeros(width) if weight is not None else None, [ctx.needs_input_grad[0], need_w, need_b])
-        del normalized
+            g, centred, [width], rstd.new_zeros(*shape[:-1], 1), rstd.view(*shape[:-1], 1), weight, bias_like,
+            [ctx.needs_input_grad[0], need_w, need_b])
+        del centred
         if grad_x is not None:
-            grad_x = grad_x.mul_(rstd).reshape(shape).movedim(-1, channel_dim).to(dtype)
+            grad_x = grad_x.movedim(-1, channel_dim).to(dtype)
         return grad_x, grad_as(grad_w, ctx.param_dtype), grad_as(grad_b, ctx.param_dtype), None, None, None
 
 

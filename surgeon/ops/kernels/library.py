@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from surgeon.ops import bitpack
 from surgeon.ops.derivative_codebook import grid_cells
+from surgeon.ops.kernels import autotune
 from surgeon.ops.kernels import cuda as cuda_kernels
 from surgeon.ops.row_range import finite_row_range
 
@@ -175,10 +176,18 @@ def quadratic_dwconv(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
     def torch_route() -> torch.Tensor:
         return dense_quadratic(x, w3, b3, w1, w2, stride, pads, dilation, rank)
 
+    def fused_route() -> torch.Tensor | None:
+        return cuda_kernels.fused_quadratic(x, w3, b3, w1, w2, tuple(stride), tuple(pads), tuple(dilation), rank,
+                                            torch_route)
+
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w3, b3, w1, w2))
     fused = None
-    if cuda_kernels.usable(x):
-        fused = cuda_kernels.fused_quadratic(x, w3, b3, w1, w2, tuple(stride), tuple(pads), tuple(dilation), rank,
-                                             torch_route)
+    if cuda_kernels.usable(x) and not needs_grad:  # forward-only kernel: autograd takes the torch route
+        key = autotune.RouteKey(tuple(w3.shape[-2:]), tuple(dilation), tuple(w1.shape[-2:]), tuple(stride),
+                                tuple(pads), rank, tuple(x.shape), str(x.dtype).removeprefix("torch."),
+                                cuda_kernels.is_channels_last(x))
+        if autotune.TUNER.route(key, x.device, fused_route, torch_route) == "fused":
+            fused = fused_route()
     return fused if fused is not None else torch_route()
 
 
