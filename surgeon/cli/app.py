@@ -20,6 +20,22 @@ from surgeon.cli import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert pretrained vision models into quadratic-adapter, low-activation-memory networks.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from surgeon.version import __version__
+
+        typer.echo(f"surgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Show surgeon's version and exit.")) -> None:
+    """Convert pretrained vision models into quadratic-adapter, low-activation-memory networks."""
+
+
 app.command("plan")(plan_command.plan)
 app.command("convert")(convert_command.convert)
 app.command("adapt")(adapt_command.adapt)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgeon.ops.model_outputs import max_difference
+
 
 def default_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     """An input of the model's pretrained resolution (timm's ``pretrained_cfg``), else 3×224×224."""
@@ -34,6 +36,5 @@ def output_difference(original: nn.Module, converted: nn.Module, example_input: 
     finally:
         original.train(modes[0])
         converted.train(modes[1])
-    diff = (reference.float() - result.float()).abs().max().item()
-    scale = reference.float().abs().max().item()
+    diff, scale = max_difference(reference, result)  # a tensor, tuple, dict or ModelOutput: every tensor leaf
     return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / scale if scale else diff}

@@ -31,6 +31,7 @@ from surgeon.errors import SurgeonError
 from surgeon.io.atomic import current_umask
 from surgeon.io.checkpoint import sha256_file
 from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.ops.model_outputs import logits as logits_of
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 # relative tolerance (max |Δ| / max |output|) by the model's dtype: 1e-5 in fp32 as Optimum's default
@@ -176,7 +177,7 @@ def _load_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     name = session.get_inputs()[0].name
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
-        (output,) = session.run(None, {name: inputs.detach().cpu().numpy()})
+        output = session.run(None, {name: inputs.detach().cpu().numpy()})[0]  # "logits" is the first output
         return torch.from_numpy(output)
 
     return run
@@ -191,8 +192,8 @@ def _check(path: Path, format: str, model: nn.Module, inputs: torch.Tensor, desc
     diff = peak = 0.0
     for batch in batches:
         with torch.no_grad():
-            want = model(batch).float()
-        got = run(batch).float()
+            want = logits_of(model(batch)).float()  # a tensor, tuple, dict or ModelOutput: its logits
+        got = logits_of(run(batch)).float()
         if got.shape != want.shape:
             raise ExportError(f"the exported {format} model returned shape {tuple(got.shape)} for batch "
                               f"{batch.shape[0]}, PyTorch {tuple(want.shape)}")

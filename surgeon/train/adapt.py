@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.ops.model_outputs import logits as logits_of
 from surgeon.train.compiling import check_backend, compiled_graph_counts
 from surgeon.train.cpu_memory import retain_freed_memory
 from surgeon.train.devices import amp_dtype, resolve_device
@@ -115,16 +116,19 @@ def evaluate(model: nn.Module, loader: Iterable[Any], channels_last: bool = True
     model.eval()
     device = next(model.parameters()).device
     dtype = amp_dtype(amp)
-    correct1 = correct5 = seen = 0
+    # counts stay on the device until the end: no host sync per batch
+    correct = torch.zeros(2, dtype=torch.int64, device=device)
+    seen = 0
     with torch.no_grad():
         for images, targets in loader:
             images, targets = _to_device(images, targets, device, channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(images)
+                logits = logits_of(model(images))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            correct1 += (top[:, 0] == targets).sum().item()
-            correct5 += (top == targets[:, None]).any(dim=-1).sum().item()
+            correct[0] += (top[:, 0] == targets).sum()
+            correct[1] += (top == targets[:, None]).any(dim=-1).sum()
             seen += targets.numel()
+    correct1, correct5 = correct.tolist()
     correct1, correct5, seen = all_reduce([correct1, correct5, seen], device)
     if not seen:
         return Accuracy(0.0, 0.0, 0)
@@ -275,7 +279,7 @@ def _train_epoch(run: _Run, train_loader: Iterable[Any], epoch: int, show_bar: b
     for images, targets in train_loader:
         images, targets = _to_device(images, targets, run.device, opts.channels_last)
         with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-            loss = F.cross_entropy(run.module(images), targets, label_smoothing=opts.label_smoothing)
+            loss = F.cross_entropy(logits_of(run.module(images)), targets, label_smoothing=opts.label_smoothing)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if opts.clip_grad is not None:

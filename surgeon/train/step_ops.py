@@ -24,6 +24,8 @@ import torch
 from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from surgeon.ops.model_outputs import logits as logits_of
+
 SYNC_OP = "aten._local_scalar_dense"
 # ops that read a value back to the host: ``_local_scalar_dense`` is what reaches the mode from user code; inside
 # one of surgeon's ops (run below autograd) composite ops that end in it arrive before decomposing
@@ -114,7 +116,7 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor) -> Callable[[
     def step() -> None:
         for parameter in model.parameters():
             parameter.grad = None  # a fresh step: no accumulation into the previous step's gradients
-        logits = model(images)
+        logits = logits_of(model(images))
         logits.float().logsumexp(-1).mean().backward()
 
     return step
