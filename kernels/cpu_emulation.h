@@ -13,6 +13,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
+#define __launch_bounds__(...)
 // round-to-nearest float operations that the CUDA compiler may not contract into an FMA; plain C++ float
 // arithmetic on x86-64 (SSE, no -ffast-math) rounds each operation the same way
 inline float __fmul_rn(float a, float b) { return a * b; }

@@ -29,6 +29,7 @@ __device__ __forceinline__ void quadconv_forward(
         float primary = has_bias ? load_f(b3, c) : 0.0f;
         float a[SURGEON_MAX_RANK];
         float b[SURGEON_MAX_RANK];
+#pragma unroll
         for (int r = 0; r < SURGEON_MAX_RANK; ++r) { a[r] = 0.0f; b[r] = 0.0f; }
         const int ih0 = oh * stride_h - pad_top;
         const int iw0 = ow * stride_w - pad_left;
@@ -47,21 +48,29 @@ __device__ __forceinline__ void quadconv_forward(
                     primary += v * load_f(w3, ((long long)c * KH + sh / DH) * KW + sw / DW);
                 }
                 const long long tap = (long long)sh * SW + sw;
-                for (int r = 0; r < rank; ++r) {
-                    const long long wi = (long long)(c * rank + r) * span_taps + tap;
-                    a[r] += v * load_f(w1, wi);
-                    b[r] += v * load_f(w2, wi);
+                // unrolled to the largest rank, so a[] and b[] stay in registers (a run-time bound would put
+                // them in local memory)
+#pragma unroll
+                for (int r = 0; r < SURGEON_MAX_RANK; ++r) {
+                    if (r < rank) {
+                        const long long wi = (long long)(c * rank + r) * span_taps + tap;
+                        a[r] += v * load_f(w1, wi);
+                        b[r] += v * load_f(w2, wi);
+                    }
                 }
             }
         }
         float out = primary;
-        for (int r = 0; r < rank; ++r) out += a[r] * b[r];
+#pragma unroll
+        for (int r = 0; r < SURGEON_MAX_RANK; ++r) {
+            if (r < rank) out += a[r] * b[r];
+        }
         store_f(y, index, out);
     }
 }
 
 #define SURGEON_QUADCONV_ENTRY(NAME, T, NHWC)                                                          \
-    extern "C" __global__ void NAME(const T* x, const T* w3, const T* b3, const T* w1, const T* w2, T* y,   \
+    extern "C" __global__ void __launch_bounds__(256, 4) NAME(const T* x, const T* w3, const T* b3, const T* w1, const T* w2, T* y,   \
                                     int N, int C, int H, int W, int HO, int WO, int KH, int KW, int DH,    \
                                     int DW, int SH, int SW, int stride_h, int stride_w, int pad_top,       \
                                     int pad_left, int rank, int has_bias) {                                \

@@ -39,15 +39,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 @pytest.fixture(scope="module")
-def fake_cupy_harness(tmp_path_factory):
+def fake_cupy_harness_directory(tmp_path_factory):
+    return tmp_path_factory.mktemp("fake-cupy")
+
+
+@pytest.fixture(scope="module")
+def fake_cupy_harness(fake_cupy_harness_directory):
     """The kernels built with g++ behind the fake CuPy's generic launch entry."""
-    return fake_cupy.build_harness(tmp_path_factory.mktemp("fake-cupy"))
+    return fake_cupy.build_harness(fake_cupy_harness_directory)
 
 
 @pytest.fixture()
-def gpu(fake_cupy_harness, monkeypatch):
+def gpu(fake_cupy_harness, fake_cupy_harness_directory, monkeypatch):
     """CPU tensors stand for device tensors; CuPy is the fake; the device guard records what it guards."""
     state = fake_cupy.State(*fake_cupy_harness)
+    state.build_directory = fake_cupy_harness_directory
     # the wrappers' tests run the kernel itself; tests/test_autotune.py drives the choice between routes
     monkeypatch.setenv("SURGEON_QUADCONV_ROUTE", "fused")
     monkeypatch.setenv("SURGEON_AUTOTUNE_CACHE", "off")

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-SOURCES = ("bitpack.cu", "quadratic_dwconv.cu")
+SOURCES = ("bitpack.cu", "quadratic_dwconv.cu")  # extern "C" entries
+TEMPLATE_SOURCES = ("quadratic_atrous.cu",)  # instantiated per name expression
 POINTEE_DTYPES = {"float": torch.float32, "surgeon_half": torch.float16, "surgeon_bfloat16": torch.bfloat16,
                   "unsigned char": torch.uint8}
 SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
@@ -76,6 +77,56 @@ def build_harness(directory: Path) -> tuple[ctypes.CDLL, dict[str, list[str]]]:
     library = directory / "launcher.so"
     subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{KERNELS}", "-o", str(library),
                     str(directory / "launcher.cpp")], check=True, capture_output=True, text=True)
+    harness = ctypes.CDLL(str(library))
+    harness.launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    return harness, prototypes
+
+
+def template_prototype(source: str, expression: str) -> list[str]:
+    """Parameter types of a template kernel instantiation ``name<T, ...>``: the kernel's declared parameters with
+    ``T`` replaced by the expression's first template argument."""
+    name, arguments = expression.split("<", 1)
+    storage = arguments.split(",", 1)[0].strip()
+    match = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{name.strip()}\(([^)]*)\)", source)
+    if match is None:
+        raise LaunchError(f"no template kernel named {name!r}")
+    params = []
+    for param in match.group(1).split(","):
+        words = [w for w in param.replace("__restrict__", "").replace("*", " * ").split() if w]
+        declared = " ".join(words[:-1]).replace(" *", "*")
+        params.append(re.sub(r"\bT\b", storage, declared))
+    return params
+
+
+_TEMPLATE_BUILDS: dict[tuple[Path, tuple[str, ...]], tuple[ctypes.CDLL, dict[str, list[str]]]] = {}
+
+
+def build_templates(directory: Path, expressions: tuple[str, ...]) -> tuple[ctypes.CDLL, dict[str, list[str]]]:
+    """Compile the template kernels' instantiations named by ``expressions`` behind a ``launch`` entry (once per
+    test session: each instantiation is a g++ build of an unrolled kernel)."""
+    if (directory, expressions) not in _TEMPLATE_BUILDS:
+        _TEMPLATE_BUILDS[(directory, expressions)] = _build_templates(directory, expressions)
+    return _TEMPLATE_BUILDS[(directory, expressions)]
+
+
+def _build_templates(directory: Path, expressions: tuple[str, ...]) -> tuple[ctypes.CDLL, dict[str, list[str]]]:
+    includes = '#include "cpu_emulation.h"\nthread_local dim3 threadIdx, blockIdx, blockDim, gridDim;\n' + \
+        "".join(f'#include "{name}"\n' for name in TEMPLATE_SOURCES)
+    source = "".join((KERNELS / name).read_text() for name in TEMPLATE_SOURCES)
+    prototypes = {expression: template_prototype(source, expression) for expression in expressions}
+    cases = []
+    for expression, params in prototypes.items():
+        casts = ", ".join(f"*({p}*)args[{i}]" for i, p in enumerate(params))
+        cases.append(f'    if (std::strcmp(name, "{expression}") == 0) {{ SURGEON_LAUNCH(({expression}), grid, block, '
+                     f"{casts}); return 0; }}")
+    code = includes + "#include <cstring>\n" + (
+        'extern "C" int launch(const char* name, unsigned grid, unsigned block, void** args) {\n'
+        + "\n".join(cases) + "\n    return 1;\n}\n")
+    stem = f"templates-{abs(hash(expressions)):x}"
+    (directory / f"{stem}.cpp").write_text(code)
+    library = directory / f"{stem}.so"
+    subprocess.run(["g++", "-O1", "-std=c++17", "-Wno-unknown-pragmas", "-shared", "-fPIC", f"-I{KERNELS}", "-o",
+                    str(library), str(directory / f"{stem}.cpp")], check=True, capture_output=True, text=True)
     harness = ctypes.CDLL(str(library))
     harness.launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
     return harness, prototypes
@@ -132,13 +183,17 @@ class State:
     guard_stream: int | None = None
     stream: int | None = None
     ml_dtypes: bool = False  # CuPy 14 takes bf16 through DLPack only when ml_dtypes is importable
+    build_directory: Path | None = None  # where template instantiations are compiled
 
 
 class FakeFunction:
-    def __init__(self, state: State, name: str) -> None:
-        if name not in state.prototypes:
+    def __init__(self, state: State, name: str, harness: ctypes.CDLL | None = None,
+                 prototypes: dict[str, list[str]] | None = None) -> None:
+        self.prototypes = prototypes if prototypes is not None else state.prototypes
+        if name not in self.prototypes:
             raise LaunchError(f"no kernel named {name!r} in the sources")
         self.state, self.name = state, name
+        self.harness = harness if harness is not None else state.harness
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
         state = self.state
@@ -146,7 +201,7 @@ class FakeFunction:
             raise LaunchError(f"{self.name} launched outside the device guard")
         if state.stream is None or state.stream != state.guard_stream:
             raise LaunchError(f"{self.name} launched outside the stream of the device guard")
-        params = state.prototypes[self.name]
+        params = self.prototypes[self.name]
         if len(args) != len(params):
             raise LaunchError(f"{self.name} takes {len(params)} arguments, got {len(args)}")
         arrays = [check_argument(self.name, i, declared, value) for i, (declared, value) in
@@ -166,7 +221,7 @@ class FakeFunction:
                     scalar = np.array(value)  # a NumPy scalar's bytes, as CuPy passes it
                     keep.append(scalar)
                     slots[i] = scalar.ctypes.data
-            run_in_child(state.harness, self.name, grid[0], block[0], slots, at_end)
+            run_in_child(self.harness, self.name, grid[0], block[0], slots, at_end)
             if at_end:
                 for copy in copies.values():
                     copy.copy_back()
@@ -222,8 +277,10 @@ def install(state: State) -> types.ModuleType:
     cupy = types.ModuleType("cupy")
 
     class RawModule:
-        def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
+        def __init__(self, code: str, options: tuple[str, ...] = (), name_expressions: Any = None) -> None:
             self.code, self.options = code, tuple(options)
+            self.name_expressions = tuple(name_expressions or ())
+            self.templates: tuple[ctypes.CDLL, dict[str, list[str]]] | None = None
 
         def compile(self) -> None:
             if state.fail_compile:
@@ -231,8 +288,15 @@ def install(state: State) -> types.ModuleType:
             if "#include <" in self.code:
                 raise RuntimeError("catastrophic error: cannot open source file (a CUDA header)")
             state.compiled.append((self.code[:40], self.options))
+            if self.name_expressions:
+                assert state.build_directory is not None, "the fake needs a build directory for templates"
+                self.templates = build_templates(state.build_directory, self.name_expressions)
 
         def get_function(self, name: str) -> FakeFunction:
+            if self.name_expressions:  # CuPy looks a template kernel up by the expression it was compiled for
+                if name not in self.name_expressions or self.templates is None:
+                    raise LaunchError(f"{name!r} is not one of this module's name expressions")
+                return FakeFunction(state, name, *self.templates)
             return FakeFunction(state, name)
 
     class ExternalStream:

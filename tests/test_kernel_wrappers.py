@@ -5,6 +5,7 @@ types and out-of-bounds accesses."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,9 +24,15 @@ from surgeon.ops.kernels import cuda as cuda_kernels
 from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.row_quantizer import quantize_rows
 from tests import fake_cupy
-from tests.test_kernels import merged_layer
+from tests.test_kernels import SWEEP, merged_layer
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def generic(layer):
+    """The layer without its recorded branch patterns: the generic (dense-window) kernel's case."""
+    layer.branch_a = layer.branch_b = None
+    return layer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -33,7 +40,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.mark.parametrize("grad", ["none", "input", "weights"])
 def test_quadconv_wrapper_matches_the_torch_route(gpu, dtype, channels_last, grad):
     torch.manual_seed(0)
-    layer = merged_layer(5, 2, 2, 1, 2, False).to(dtype)
+    layer = generic(merged_layer(5, 2, 2, 1, 2, False)).to(dtype)
     x = torch.randn(2, 5, 11, 9).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -62,7 +69,7 @@ def test_quadconv_wrapper_matches_the_torch_route(gpu, dtype, channels_last, gra
 
 def test_quadconv_weights_are_cast_once_and_recast_when_they_change(gpu):
     torch.manual_seed(0)
-    layer = merged_layer(3, 1, 1, 1, 1, False)
+    layer = generic(merged_layer(3, 1, 1, 1, 1, False))
     x = torch.randn(1, 5, 8, 8)
     first = layer(x)
     cached = layer._kernel_weights
@@ -105,6 +112,52 @@ def fake_cupy_suffix(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation,rank,same,size", SWEEP)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_specialised_atrous_kernel_matches_the_dense_route(gpu, kernel, stride, padding, dilation, rank, same,
+                                                               size, channels_last):
+    """Every geometry of the emulation sweep, both layouts, fp32 and bf16: the instantiation for the layer's
+    geometry runs (where it covers the geometry) and equals QuadraLib's three dense convs."""
+    torch.manual_seed(0)
+    layer = merged_layer(kernel, stride, padding, dilation, rank, same, channels=6)
+    supported = layer.atrous_geometry().supported()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 6, *size).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            want = layer.double().forward_dense(x.double())
+            layer.to(dtype)
+            y = layer(x)
+        launched = [launch.name for launch in gpu.launches]
+        if supported:
+            expression = layer.atrous_geometry().name_expression(dtype, channels_last, 6)
+            assert launched[-1] == expression
+            assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        else:
+            assert not any(name.startswith("quadconv_atrous") for name in launched)
+        scale = max(1.0, want.abs().max().item())
+        assert (y.double() - want).abs().max().item() <= TOLERANCE[dtype] * scale
+    assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
+
+
+def test_atrous_weights_are_laid_out_once_per_layout_and_follow_changes(gpu):
+    torch.manual_seed(0)
+    layer = merged_layer(7, 1, 3, 1, 2, False, channels=8)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        first = layer(x)
+        layer(x.contiguous(memory_format=torch.channels_last))
+        cached = layer._atrous_kernel_weights
+        assert len(cached) == 2  # channel-major for NCHW, tap-major for NHWC
+        w3, _, wa, _ = cached[(torch.float32, "cpu", True)][1]
+        assert w3.shape == (49, 8) and wa.shape == (2, 16, 8)
+        layer.P.conv1.weight.mul_(2)
+        changed = layer(x)
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, layer.forward_dense(x), atol=1e-5, rtol=1e-5)
+
+
 def test_float64_and_integer_inputs_take_the_torch_route(gpu):
     torch.manual_seed(0)
     layer = merged_layer(3, 1, 1, 1, 1, False).double()
@@ -129,7 +182,7 @@ def test_a_compile_failure_is_one_warning_and_the_torch_route_runs(gpu):
 
 def test_the_self_check_disables_a_kernel_that_disagrees(gpu):
     torch.manual_seed(0)
-    layer = merged_layer(3, 1, 1, 1, 2, False)
+    layer = generic(merged_layer(3, 1, 1, 1, 2, False))
     x = torch.randn(2, 5, 9, 9)
     gpu.corrupt = {"quadconv_fwd_f32_nchw"}
     with pytest.warns(cuda_kernels.KernelWarning, match="quadconv_fwd_f32_nchw disagrees with the torch route"):
@@ -227,6 +280,34 @@ def test_the_gpu_acceptance_check_refuses_a_machine_without_cuda():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: no CUDA device is visible (torch.cuda.is_available() is False); run this on a GPU machine"]
+
+
+def test_the_gpu_check_isolates_sections_and_writes_every_number(tmp_path, capsys):
+    from benchmarks.gpu_check import run_sections
+
+    def fine(section):
+        section.record("us", 12.5)
+        section.check("a check that holds", True)
+
+    def raises(section):
+        section.record("before", 1)
+        raise RuntimeError("a kernel refused its arguments")
+
+    def mismatch(section):
+        section.check("a check that fails", False)
+
+    ran = []
+    path = tmp_path / "gpu_check.json"
+    code = run_sections([("fine", fine), ("raises", raises), ("mismatch", mismatch),
+                         ("after", lambda section: ran.append(True))], path)
+    assert code == 1 and ran == [True]  # the sections after a failure still run
+    saved = {entry["section"]: entry for entry in json.loads(path.read_text())}
+    assert saved["fine"]["passed"] and saved["fine"]["numbers"]["us"] == 12.5
+    assert not saved["raises"]["passed"] and "a kernel refused its arguments" in saved["raises"]["error"]
+    assert saved["raises"]["numbers"]["before"] == 1
+    assert not saved["mismatch"]["passed"] and saved["after"]["passed"]
+    assert "FAILED: raises, mismatch" in capsys.readouterr().out
+    assert run_sections([("fine", fine)], None) == 0
 
 
 def test_the_fake_refuses_bf16_through_dlpack_as_cupy_does(gpu):

@@ -39,6 +39,51 @@ def test_nvcc_compiles(source, arch, tmp_path):
     assert (tmp_path / "k.cubin").stat().st_size > 1000
 
 
+MAX_REGISTERS = 64  # 4 blocks of 256 threads per SM
+
+
+def model_geometries() -> list[str]:
+    """Instantiations of the specialised kernel for the layers of real models: ConvNeXt's 7x7 (rank 1 and 2, and
+    stride 2), EfficientNet's and MobileNet's 3x3 and 5x5 at stride 1 and 2, in every storage type and layout."""
+    from benchmarks.kernel_cost import layer_geometry
+
+    geometries = [layer_geometry(7, 1, 1), layer_geometry(7, 1, 2), layer_geometry(7, 2, 1), layer_geometry(3, 1, 1),
+                  layer_geometry(3, 2, 1), layer_geometry(5, 1, 1), layer_geometry(5, 2, 1), layer_geometry(3, 1, 1, 2)]
+    return [geometry.name_expression(dtype, nhwc, 96) for geometry in geometries
+            for dtype in (torch.float32, torch.float16, torch.bfloat16) for nhwc in (True, False)]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_fits_its_resource_budget(arch, tmp_path):
+    """ptxas' own accounting for every kernel: no stack frame, no spills, at most 64 registers."""
+    from benchmarks.kernel_cost import compile_kernels, instantiation_source
+
+    units = [(KERNELS / name).read_text() for name in cuda_kernels.KERNEL_FILES]
+    units.append(instantiation_source(model_geometries()))
+    checked = 0
+    for index, code in enumerate(units):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        _, resources = compile_kernels(code, arch, folder)
+        assert resources, "ptxas reported no kernel"
+        for name, used in resources.items():
+            assert (used.stack, used.spill_stores, used.spill_loads) == (0, 0, 0), (name, used)
+            assert used.registers <= MAX_REGISTERS, (name, used)
+        checked += len(resources)
+    assert checked >= 2 * 3 * 3 + 2 * 3 + 8 * 3 * 2  # every extern "C" entry and every instantiation
+
+
+def test_the_specialised_kernel_costs_at_most_4_instructions_per_required_fma():
+    """SASS of the interior path for ConvNeXt-T's four stage shapes (benchmarks/kernel_cost.py)."""
+    from benchmarks.kernel_cost import TARGET_INSTRUCTIONS_PER_FMA, stage_costs
+
+    rows = stage_costs("sm_90")
+    assert len(rows) == 4 * 2 * 2
+    for row in rows:
+        assert row.fma_needed == 69 and row.ffma_per_output >= row.fma_needed  # every required FMA is there
+        assert row.instructions_per_fma <= TARGET_INSTRUCTIONS_PER_FMA, row
+
+
 @pytest.mark.parametrize("source", cuda_kernels.KERNEL_FILES)
 def test_nvrtc_compiles_what_the_loader_loads(source):
     from cupy.cuda import nvrtc
@@ -63,6 +108,28 @@ def test_nvrtc_compiles_what_the_loader_loads(source):
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
     for entry in entries:
         assert f".entry {entry}" in text
+
+
+def test_nvrtc_instantiates_the_specialised_kernel_by_name_expression():
+    """As CuPy's ``RawModule(name_expressions=...)`` does: the expression the wrapper builds names a kernel that
+    NVRTC instantiates and lowers, for sm_90 with CuPy's own options."""
+    from cupy.cuda import nvrtc
+
+    code = cuda_kernels.kernel_source("quadratic_atrous.cu")
+    assert "#include <" not in code
+    options = [*cuda_kernels.nvrtc_options(), "-ftz=true", "--device-as-default-execution-space", "-arch=sm_90"]
+    expressions = model_geometries()[:4]
+    program = nvrtc.createProgram(code, "quadratic_atrous.cu", [], [])
+    try:
+        for expression in expressions:
+            nvrtc.addNameExpression(program, expression)
+        nvrtc.compileProgram(program, options)
+        lowered = [nvrtc.getLoweredName(program, expression) for expression in expressions]
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    assert len(set(lowered)) == 4 and all(name.startswith("_Z15quadconv_atrous") for name in lowered)
+    assert len(cubin) > 1000
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ State dict keys follow QuadraNet's ``QuadraConv_dw``: ``P.conv3`` is the primary
 bias), ``P.conv1`` holds ``W_a`` and ``P.conv2`` holds ``W_b``, each written as a dense kernel covering the
 primary's receptive field (``[C*r,1,S,S]``, groups = C, rank ``r`` as ``C*r`` outputs summed per channel).
 
-The forward has three routes with the same result: the fused CUDA kernel (CUDA tensor and CuPy installed), the
-atrous torch route (when the dense kernels are zero outside their dilated pattern, which merge guarantees: it
-convolves only the non-zero taps), and the dense three-conv route (any dense weights).
+The forward has routes with the same result: on CUDA with CuPy, the specialised kernel compiled for the layer's
+geometry (when the dense kernels are zero outside their dilated pattern, which merge guarantees) or else the
+generic fused kernel, each chosen over the torch route only where it is faster; the atrous torch route (only the
+non-zero taps); and the dense three-conv route (any dense weights).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class QuadraConvDW(nn.Module):
         self.check_patterns()
         self.linear_only = not bool(self.P.conv1.weight.any()) or not bool(self.P.conv2.weight.any())
         self.__dict__.pop("_kernel_weights", None)  # pre-cast kernel copies follow the weights again
+        self.__dict__.pop("_atrous_kernel_weights", None)
 
     # ------------------------------------------------------------------------------------------- forward
     as_custom_op = False  # set while exporting: the layer is one ``surgeon.quadratic_dwconv`` node
@@ -151,12 +153,58 @@ class QuadraConvDW(nn.Module):
         weights = (self.P.conv3.weight, self.P.conv3.bias, self.P.conv1.weight, self.P.conv2.weight)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
         if cuda_kernels.usable(x) and not needs_grad and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if self.branch_a is not None and self.branch_b is not None:
+                return self._forward_atrous_op(x)
             w3, b3, w1, w2 = cuda_kernels.layer_weights(self, x.dtype, x.device)
             return kernel_ops.quadratic_dwconv(x, w3, b3, w1, w2, list(self.stride), list(self.pads(x)),
                                                list(self.dilation), self.rank)
         if self.branch_a is not None and self.branch_b is not None:
             return self.forward_atrous(x)
         return self.forward_dense(x)
+
+    def atrous_geometry(self) -> Any:
+        """What the specialised CUDA kernel is compiled for (the branches must follow their pattern)."""
+        from surgeon.ops.kernels import cuda as cuda_kernels
+
+        assert self.branch_a is not None and self.branch_b is not None
+
+        def branch(pattern: AtrousKernel) -> tuple[int, ...]:
+            return (*pattern.kernel, *pattern.dilation, *_offsets(self.span, pattern))
+
+        return cuda_kernels.AtrousGeometry(self.kernel_size, self.dilation, branch(self.branch_a),  # type: ignore[arg-type]
+                                           branch(self.branch_b), self.rank, self.stride)  # type: ignore[arg-type]
+
+    def atrous_kernel_weights(self, dtype: torch.dtype, device: torch.device, tap_major: bool
+                              ) -> tuple[torch.Tensor | None, ...]:
+        """(primary, bias, branch a, branch b) in the specialised kernel's layout, in ``dtype`` on ``device``;
+        remembered until a weight changes (version counters)."""
+        from surgeon.ops.kernels import cuda as cuda_kernels
+
+        assert self.branch_a is not None and self.branch_b is not None
+        params = [self.P.conv3.weight, self.P.conv3.bias, self.P.conv1.weight, self.P.conv2.weight]
+        stamp = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        cache: dict[Any, Any] = self.__dict__.setdefault("_atrous_kernel_weights", {})
+        key = (dtype, str(device), tap_major)
+        if key not in cache or cache[key][0] != stamp:
+            with torch.no_grad():
+                w3, bias, w1, w2 = (p.detach().to(device=device, dtype=dtype) if p is not None else None
+                                    for p in params)
+                wa = atrous_view(w1, self.span, self.branch_a)
+                wb = atrous_view(w2, self.span, self.branch_b)
+                laid_out = cuda_kernels.atrous_weights(w3, wa, wb, self.rank, tap_major)
+            cache[key] = (stamp, (laid_out[0], bias.contiguous() if bias is not None else None, *laid_out[1:]))
+        return cache[key][1]
+
+    def _forward_atrous_op(self, x: torch.Tensor) -> torch.Tensor:
+        from surgeon.ops.kernels import cuda as cuda_kernels
+        from surgeon.ops.kernels import library as kernel_ops
+
+        geometry = self.atrous_geometry()
+        tap_major = cuda_kernels.is_channels_last(x)
+        w3, b3, wa, wb = self.atrous_kernel_weights(x.dtype, x.device, tap_major)
+        return kernel_ops.quadratic_atrous(x, w3, b3, wa, wb, list(geometry.kernel), list(geometry.dilation),
+                                           list(geometry.branch_a), list(geometry.branch_b), self.rank,
+                                           list(self.stride), list(self.pads(x)), tap_major)
 
     def _primary(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.P.conv3.weight, self.P.conv3.bias

@@ -33,7 +33,8 @@ from surgeon.ops.derivative_codebook import inverse_step
 from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.package_data import data_dir
 
-KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")
+KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")  # extern "C" entries
+TEMPLATE_KERNEL_FILES = ("quadratic_atrous.cu",)  # instantiated per layer geometry (NVRTC name expressions)
 MAX_SPAN = 31
 BLOCK = 256
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -107,31 +108,39 @@ class _Registry:
 REGISTRY = _Registry()
 
 
-def _module(name: str) -> Any | None:
-    """The compiled module, or None (with one warning, once) when it does not compile here."""
-    if name in REGISTRY.modules:
-        return REGISTRY.modules[name]
-    if name in REGISTRY.compile_errors:
+def _module(name: str, name_expressions: tuple[str, ...] = ()) -> Any | None:
+    """The compiled module (with these template instantiations), or None (with one warning, once) when it does not
+    compile here."""
+    key = name if not name_expressions else f"{name}:{'|'.join(name_expressions)}"
+    if key in REGISTRY.modules:
+        return REGISTRY.modules[key]
+    if key in REGISTRY.compile_errors:
         return None
     try:
         import cupy
 
-        module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
+        if name_expressions:
+            module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options(),
+                                    name_expressions=list(name_expressions))
+        else:
+            module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
         module.compile()
     except Exception as exc:
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        REGISTRY.compile_errors[name] = cause
+        REGISTRY.compile_errors[key] = cause
         warnings.warn(f"surgeon: the CUDA kernels in {name} did not compile ({cause}); the torch route runs "
                       "instead", KernelWarning, stacklevel=3)
         return None
-    REGISTRY.modules[name] = module
+    REGISTRY.modules[key] = module
     return module
 
 
-def _function(module_name: str, entry: str) -> Any | None:
+def _function(module_name: str, entry: str, templated: bool = False) -> Any | None:
+    """A kernel by name; ``templated``: ``entry`` is a template instantiation (an NVRTC name expression), compiled
+    in a module of its own the first time it is asked for."""
     key = (module_name, entry)
     if key not in REGISTRY.functions:
-        module = _module(module_name)
+        module = _module(module_name, (entry,) if templated else ())
         if module is None:
             return None
         REGISTRY.functions[key] = module.get_function(entry)
@@ -146,10 +155,10 @@ def device_guard(device: torch.device) -> Iterator[int]:
 
 
 def _launch(module_name: str, entry: str, grid: int, device: torch.device,
-            arguments: Callable[[Any], tuple[Any, ...]]) -> bool:
+            arguments: Callable[[Any], tuple[Any, ...]], templated: bool = False) -> bool:
     """Launch ``entry`` on ``device``'s current stream; ``arguments(cupy)`` builds the argument tuple inside the
     stream (so DLPack exports synchronise with the right stream). False: not launched (torch route)."""
-    function = _function(module_name, entry)
+    function = _function(module_name, entry, templated)
     if function is None or not _enabled(entry, device):
         return False
     import cupy
@@ -424,3 +433,101 @@ def _grid(threads: int) -> int:
 
 def _pack_grid(out: torch.Tensor) -> int:
     return max(1, min((out.numel() + BLOCK - 1) // BLOCK, 65535 * 8))
+
+
+# ------------------------------------------------------------------------------------------ atrous quadratic conv
+ATROUS_OUT_W = 4  # outputs per thread (a template parameter of the kernel)
+ATROUS_MAX_RANK = 4
+ATROUS_MAX_SPAN = 15  # every row of the span is unrolled: wider spans take the generic kernel
+ATROUS_MAX_CHANNELS = 1 << 14
+_STORAGE_TYPE = {torch.float32: "float", torch.float16: "surgeon_half", torch.bfloat16: "surgeon_bfloat16"}
+
+
+@dataclass(frozen=True)
+class AtrousGeometry:
+    """What ``quadconv_atrous`` is compiled for: primary taps and dilation, each branch's taps, dilation and place
+    in the primary's span (rows, cols, dilation h, dilation w, top, left), the rank and the stride."""
+
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    branch_a: tuple[int, int, int, int, int, int]
+    branch_b: tuple[int, int, int, int, int, int]
+    rank: int
+    stride: tuple[int, int]
+
+    def supported(self) -> bool:
+        span = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation)]
+        return self.rank <= ATROUS_MAX_RANK and max(span) <= ATROUS_MAX_SPAN and min(self.stride) >= 1
+
+    def name_expression(self, dtype: torch.dtype, channels_last: bool, channels: int) -> str:
+        """The template instantiation for this geometry, storage type and layout (NHWC: also the channel count)."""
+        values = [_STORAGE_TYPE[dtype], "true" if channels_last else "false", str(channels if channels_last else 0),
+                  *map(str, (*self.kernel, *self.dilation, *self.branch_a, *self.branch_b, self.rank, *self.stride,
+                             ATROUS_OUT_W))]
+        return f"quadconv_atrous<{', '.join(values)}>"
+
+
+def atrous_weights(w3: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, rank: int, tap_major: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conv-layout weights (``[C,1,KH,KW]``, ``[C*r,1,AH,AW]``, ``[C*r,1,BH,BW]``) in the kernel's layout:
+    tap-major (``[taps, C]``, ``[r, taps, C]``) for NHWC, channel-major (``[C, taps]``, ``[C, r, taps]``) for
+    NCHW."""
+    channels = w3.shape[0]
+    primary = w3.reshape(channels, -1)
+    branches = [w.reshape(channels, rank, -1) for w in (wa, wb)]
+    if tap_major:
+        return (primary.t().contiguous(), *(w.permute(1, 2, 0).contiguous() for w in branches))
+    return (primary.contiguous(), *(w.contiguous() for w in branches))
+
+
+def conv_weights(w3: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, geometry: AtrousGeometry, channels: int,
+                 tap_major: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`atrous_weights`: the conv layout the torch route convolves with."""
+    kh, kw = geometry.kernel
+    shapes = [(channels, 1, kh, kw), (channels * geometry.rank, 1, *geometry.branch_a[:2]),
+              (channels * geometry.rank, 1, *geometry.branch_b[:2])]
+    if tap_major:
+        ordered = [w3.t(), wa.permute(2, 0, 1), wb.permute(2, 0, 1)]
+    else:
+        ordered = [w3, wa, wb]
+    return tuple(w.reshape(shape) for w, shape in zip(ordered, shapes))  # type: ignore[return-value]
+
+
+def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
+                 geometry: AtrousGeometry, pads: tuple[int, int, int, int], reference: Callable[[], torch.Tensor]
+                 ) -> torch.Tensor | None:
+    """The specialised quadratic depthwise forward on the GPU (weights in :func:`atrous_weights`' layout for
+    ``x``'s memory format, in ``x``'s dtype); None when the torch route must run instead."""
+    import numpy as np
+
+    if x.dtype not in _DTYPE_SUFFIX or x.dim() != 4 or not geometry.supported():
+        return None
+    if any(t.dtype != x.dtype for t in (w3, wa, wb) + ((b3,) if b3 is not None else ())):
+        return None
+    channels_last = is_channels_last(x)
+    n, c, h, w = x.shape
+    if channels_last and c > ATROUS_MAX_CHANNELS:
+        return None
+    left, right, top, bottom = pads
+    span = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilation)]
+    ho = (h + top + bottom - span[0]) // geometry.stride[0] + 1
+    wo = (w + left + right - span[1]) // geometry.stride[1] + 1
+    if ho <= 0 or wo <= 0 or x.numel() >= 2**31:
+        return None
+    entry = geometry.name_expression(x.dtype, channels_last, c)
+    if not _enabled(entry, x.device):
+        return None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    tiles = (wo + ATROUS_OUT_W - 1) // ATROUS_OUT_W
+    weights = (w3, b3, wa, wb)
+
+    def arguments(cupy: Any) -> tuple[Any, ...]:
+        pointers = [_flat(cupy, t) if t is not None else np.uint64(0) for t in weights]
+        return (_flat(cupy, x), *pointers, _flat(cupy, y),
+                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)))
+
+    if not _launch("quadratic_atrous.cu", entry, _grid(n * c * ho * tiles), x.device, arguments, templated=True):
+        return None
+    return _checked(entry, x.device, y, reference, SELF_CHECK_TOLERANCE[x.dtype])

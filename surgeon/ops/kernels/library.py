@@ -202,6 +202,74 @@ def _(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tens
     return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
 
 
+@torch.library.custom_op("surgeon::quadratic_atrous", mutates_args=())
+def quadratic_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
+                     kernel: list[int], dilation: list[int], branch_a: list[int], branch_b: list[int], rank: int,
+                     stride: list[int], pads: list[int], tap_major: bool) -> torch.Tensor:
+    """``conv3(x) + b + sum_r conv_a(x) * conv_b(x)`` computing only the non-zero taps: the primary kernel and two
+    dilated branch kernels (``branch_*``: rows, cols, dilation h, dilation w, top, left inside the primary's
+    span; ``pads``: left, right, top, bottom of that span). Weights in the kernel's layout
+    (:func:`surgeon.ops.kernels.cuda.atrous_weights`, tap-major for channels-last inputs). On CUDA the first call
+    of each shape picks the specialised kernel or the torch route, whichever is faster."""
+    geometry = cuda_kernels.AtrousGeometry(tuple(kernel), tuple(dilation), tuple(branch_a), tuple(branch_b),  # type: ignore[arg-type]
+                                           rank, tuple(stride))  # type: ignore[arg-type]
+
+    def torch_route() -> torch.Tensor:
+        return atrous_quadratic(x, w3, b3, wa, wb, geometry, pads, tap_major)
+
+    def fused_route() -> torch.Tensor | None:
+        if tap_major != cuda_kernels.is_channels_last(x):
+            return None  # weights laid out for the other memory format
+        return cuda_kernels.fused_atrous(x, w3, b3, wa, wb, geometry, tuple(pads), torch_route)  # type: ignore[arg-type]
+
+    fused = None
+    if cuda_kernels.usable(x):
+        key = autotune.RouteKey(tuple(kernel), tuple(dilation), (*branch_a, *branch_b), tuple(stride), tuple(pads),
+                                rank, tuple(x.shape), str(x.dtype).removeprefix("torch."),
+                                cuda_kernels.is_channels_last(x))
+        if autotune.TUNER.route(key, x.device, fused_route, torch_route) == "fused":
+            fused = fused_route()
+    return fused if fused is not None else torch_route()
+
+
+@quadratic_atrous.register_fake
+def _(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
+      kernel: list[int], dilation: list[int], branch_a: list[int], branch_b: list[int], rank: int, stride: list[int],
+      pads: list[int], tap_major: bool) -> torch.Tensor:
+    n, c, h, w = x.shape
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    out_h = (h + pads[2] + pads[3] - span[0]) // stride[0] + 1
+    out_w = (w + pads[0] + pads[1] - span[1]) // stride[1] + 1
+    memory_format = torch.channels_last if cuda_kernels.is_channels_last(x) else torch.contiguous_format
+    return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
+
+
+def atrous_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
+                     geometry: cuda_kernels.AtrousGeometry, pads: list[int], tap_major: bool) -> torch.Tensor:
+    """The torch route of ``quadratic_atrous``: the primary conv and one dilated conv per branch, each on the
+    input padded for its own window inside the span."""
+    channels = x.shape[1]
+    w3c, wac, wbc = cuda_kernels.conv_weights(w3, wa, wb, geometry, channels, tap_major)
+    span = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilation)]
+    left, right, top, bottom = pads
+
+    def conv(weight: torch.Tensor, taps: tuple[int, int], dil: tuple[int, int], at: tuple[int, int],
+             bias: torch.Tensor | None) -> torch.Tensor:
+        reach = [d * (k - 1) + 1 for k, d in zip(taps, dil)]
+        own = (left - at[1], right - (span[1] - reach[1] - at[1]), top - at[0], bottom - (span[0] - reach[0] - at[0]))
+        return F.conv2d(F.pad(x, own), weight.to(x.dtype), bias, tuple(geometry.stride), 0, dil, channels)
+
+    a_rows, a_cols, a_dh, a_dw, a_top, a_left = geometry.branch_a
+    b_rows, b_cols, b_dh, b_dw, b_top, b_left = geometry.branch_b
+    primary = conv(w3c, geometry.kernel, geometry.dilation, (0, 0), b3)
+    a = conv(wac, (a_rows, a_cols), (a_dh, a_dw), (a_top, a_left), None)
+    b = conv(wbc, (b_rows, b_cols), (b_dh, b_dw), (b_top, b_left), None)
+    if geometry.rank == 1:
+        return primary.addcmul_(a, b)
+    n, _, h, w = a.shape
+    return primary.add_((a * b).view(n, channels, geometry.rank, h, w).sum(dim=2))
+
+
 def dense_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
                     stride: list[int], pads: list[int], dilation: list[int], rank: int) -> torch.Tensor:
     """The torch route: QuadraLib's three dense convs on the padded input."""

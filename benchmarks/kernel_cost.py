@@ -1,0 +1,220 @@
+"""Static cost of the specialised quadratic depthwise kernel, from the compiler's own output (no GPU needed).
+
+For ConvNeXt-T's four stage shapes (batch 32, 7×7, rank 1, the default atrous branches) the kernel's template
+instantiations are compiled with ``nvcc`` for sm_90 and read back:
+
+* **resources** (``ptxas --resource-usage``): registers, stack frame and spills of the whole kernel;
+* **SASS** (``cuobjdump -sass``, from the ``nvidia-cuda-cuobjdump`` wheel): instructions of the interior path (a
+  window wholly inside the image, compiled alone with ``SURGEON_INTERIOR_ONLY``: what nearly every thread runs),
+  divided by the outputs a thread computes. Every loop of that path is unrolled, so the static count is the
+  dynamic one, the thread's prologue included;
+* **FMAs needed** per output: the primary taps plus the non-zero branch taps times the rank (49 + 16 + 4 = 69);
+* **bytes moved**: input and output once, plus the weights.
+
+From those it predicts the time on an H100 SXM (132 SMs at 1.755 GHz, 4 schedulers issuing one warp instruction
+per clock each, 128 fp32 FMAs per clock per SM, 3.35 TB/s HBM3): the issue floor, the FMA floor and the HBM floor;
+the kernel cannot beat the largest of them.
+
+Run: python benchmarks/kernel_cost.py [--arch sm_90] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from surgeon.methods.quadratic.inference import QuadraConvDW
+from surgeon.methods.quadratic.layer import default_branches
+from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.package_data import data_dir
+
+STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))  # ConvNeXt-T: channels, feature map side
+BATCH = 32
+H100 = {"sms": 132, "clock_hz": 1.755e9, "warp_issue_per_sm_clock": 4, "fma_per_sm_clock": 128, "hbm_bytes_s": 3.35e12}
+TARGET_INSTRUCTIONS_PER_FMA = 4.0
+
+
+def tool(name: str) -> str:
+    """A CUDA binary tool: on PATH, else from the ``nvidia-cuda-*`` wheels (``nvidia/cu*/bin``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sys.path:
+        for candidate in sorted(glob.glob(os.path.join(folder, "nvidia", "cu*", "bin", name))):
+            return candidate
+    raise FileNotFoundError(f"{name} not found: pip install nvidia-cuda-{name}")
+
+
+def layer_geometry(kernel: int = 7, stride: int = 1, rank: int = 1, dilation: int = 1) -> cuda_kernels.AtrousGeometry:
+    """The specialised kernel's geometry for a merged layer with QuadraNet V2's default branches."""
+    branch_a, branch_b = default_branches((kernel, kernel), (dilation, dilation))
+    pad = kernel // 2 * dilation
+    layer = QuadraConvDW(8, (kernel, kernel), (stride, stride), (pad, pad), (dilation, dilation),
+                         rank=rank, branch_a=branch_a, branch_b=branch_b)
+    return layer.atrous_geometry()
+
+
+def instantiation_source(expressions: list[str]) -> str:
+    """A translation unit that instantiates each name expression (explicit instantiations of the template)."""
+    source = data_dir("kernels").joinpath("quadratic_atrous.cu").read_text(encoding="utf-8")
+    match = re.search(r"__global__ void quadconv_atrous\(([^)]*)\)", source)
+    assert match is not None
+    lines = ['#include "quadratic_atrous.cu"']
+    for expression in expressions:
+        storage = expression.split("<", 1)[1].split(",", 1)[0].strip()
+        params = re.sub(r"\bT\b", storage, re.sub(r"__restrict__\s+\w+|\b(N|C|H|W|HO|WO|pad_top|pad_left)\b", "",
+                                                   match.group(1)))
+        lines.append(f"template __global__ void {expression}({params});")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Resources:
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+
+
+def compile_kernels(code: str, arch: str, directory: Path, defines: tuple[str, ...] = ()
+                    ) -> tuple[Path, dict[str, Resources]]:
+    """nvcc a translation unit to a cubin; returns it and each function's resources (by mangled name)."""
+    stem = f"unit-{arch}" + "".join(f"-{d.lower()}" for d in defines)
+    source, cubin = directory / f"{stem}.cu", directory / f"{stem}.cubin"
+    source.write_text(code)
+    result = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "--resource-usage", *(f"-D{d}" for d in defines),
+                             f"-I{data_dir('kernels')}", "-o", str(cubin), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    return cubin, parse_resources(result.stdout + result.stderr)
+
+
+def parse_resources(log: str) -> dict[str, Resources]:
+    found: dict[str, Resources] = {}
+    pattern = (r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+               r"spill loads\s+ptxas info\s+: Used (\d+) registers")
+    for name, stack, stores, loads, registers in re.findall(pattern, log):
+        found[name] = Resources(int(registers), int(stack), int(stores), int(loads))
+    return found
+
+
+def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
+    """Per function: instruction count and the count of each opcode (``FFMA``, ``LDG``, ...)."""
+    # cuobjdump disassembles through nvdisasm, which it looks for on PATH
+    path = os.pathsep.join([os.path.dirname(tool("nvdisasm")), os.environ.get("PATH", "")])
+    text = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PATH": path}).stdout
+    counts: dict[str, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    for line in text.splitlines():
+        function = re.match(r"\s+Function : (\S+)", line)
+        if function:
+            current = counts.setdefault(function.group(1), {"total": 0})
+            continue
+        instruction = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)", line)
+        if instruction and current is not None:
+            current["total"] += 1
+            current[instruction.group(1)] = current.get(instruction.group(1), 0) + 1
+    return counts
+
+
+def mangled_key(expression: str) -> str:
+    """What identifies an instantiation inside its mangled name: its integer template arguments in order."""
+    values = [v.strip() for v in expression.split("<", 1)[1].rstrip(">").split(",")]
+    storage = {"float": "If", "surgeon_half": "I12surgeon_half", "surgeon_bfloat16": "I16surgeon_bfloat16"}[values[0]]
+    layout = "Lb1E" if values[1] == "true" else "Lb0E"
+    return storage + layout + "".join(f"Li{v}E" for v in values[2:])
+
+
+def find(functions: dict, expression: str) -> object:
+    key = mangled_key(expression)
+    matches = [value for name, value in functions.items() if key in name]
+    if len(matches) != 1:
+        raise KeyError(f"{expression}: {len(matches)} compiled functions match")
+    return matches[0]
+
+
+@dataclass
+class StageCost:
+    stage: str
+    dtype: str
+    layout: str
+    registers: int
+    stack: int
+    spills: int
+    instructions_per_output: float
+    fma_needed: int
+    instructions_per_fma: float
+    ffma_per_output: float
+    mbytes: float
+    issue_floor_us: float
+    fma_floor_us: float
+    hbm_floor_us: float
+
+
+def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+                ) -> list[StageCost]:
+    geometry = layer_geometry()
+    fma_needed = 49 + (16 + 4) * geometry.rank
+    cases = [(c, side, dtype, nhwc) for c, side in STAGES for dtype in dtypes for nhwc in (True, False)]
+    expressions = [geometry.name_expression(dtype, nhwc, c) for c, _, dtype, nhwc in cases]
+    unique = list(dict.fromkeys(expressions))
+    with tempfile.TemporaryDirectory() as folder:
+        _, resources = compile_kernels(instantiation_source(unique), arch, Path(folder))
+        cubin, _ = compile_kernels(instantiation_source(unique), arch, Path(folder), ("SURGEON_INTERIOR_ONLY",))
+        sass = sass_counts(cubin)
+    rows = []
+    for (channels, side, dtype, nhwc), expression in zip(cases, expressions):
+        used, counts = find(resources, expression), find(sass, expression)
+        per_output = counts["total"] / cuda_kernels.ATROUS_OUT_W  # type: ignore[index]
+        outputs = BATCH * channels * side * side
+        size = torch.empty(0, dtype=dtype).element_size()
+        moved = 2 * outputs * size + channels * fma_needed * size
+        sm_clock = H100["sms"] * H100["clock_hz"]
+        rows.append(StageCost(
+            stage=f"{BATCH}×{channels}×{side}×{side}", dtype=str(dtype).removeprefix("torch."),
+            layout="NHWC" if nhwc else "NCHW", registers=used.registers, stack=used.stack,  # type: ignore[attr-defined]
+            spills=used.spill_stores + used.spill_loads, instructions_per_output=per_output,  # type: ignore[attr-defined]
+            fma_needed=fma_needed, instructions_per_fma=per_output / fma_needed,
+            ffma_per_output=counts.get("FFMA", 0) / cuda_kernels.ATROUS_OUT_W,  # type: ignore[union-attr]
+            mbytes=moved / 1e6,
+            issue_floor_us=outputs * per_output / (sm_clock * H100["warp_issue_per_sm_clock"] * 32) * 1e6,
+            fma_floor_us=outputs * fma_needed / (sm_clock * H100["fma_per_sm_clock"]) * 1e6,
+            hbm_floor_us=moved / H100["hbm_bytes_s"] * 1e6))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--json", help="also write every number to this file")
+    args = parser.parse_args()
+    rows = stage_costs(args.arch)
+    print(f"quadconv_atrous, 7×7 rank 1 (a: 4×4 at dilation 2, b: 2×2 at dilation 6), {args.arch}; "
+          f"target ≤ {TARGET_INSTRUCTIONS_PER_FMA:g} SASS instructions per required FMA")
+    print(f"{'stage':18} {'dtype':9} {'layout':6} {'regs':>4} {'stack':>5} {'instr/out':>9} {'FMA/out':>7} "
+          f"{'instr/FMA':>9} {'MB':>6} {'issue µs':>8} {'FMA µs':>7} {'HBM µs':>7} {'H100 µs':>8}")
+    for row in rows:
+        predicted = max(row.issue_floor_us, row.fma_floor_us, row.hbm_floor_us)
+        print(f"{row.stage:18} {row.dtype:9} {row.layout:6} {row.registers:>4} {row.stack:>5} "
+              f"{row.instructions_per_output:>9.1f} {row.fma_needed:>7} {row.instructions_per_fma:>9.2f} "
+              f"{row.mbytes:>6.1f} {row.issue_floor_us:>8.1f} {row.fma_floor_us:>7.1f} {row.hbm_floor_us:>7.1f} "
+              f"{predicted:>8.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(row) for row in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
