@@ -7,6 +7,16 @@ Everything the user can get wrong (a bad recipe, a missing file, a checkpoint th
 from __future__ import annotations
 
 
+def first_line(text: object, limit: int = 300) -> str:
+    """The first line of an inner error's message, whole; one longer than ``limit`` is cut at a word boundary
+    (never mid-word) and marked with an ellipsis."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return (cut if cut else line[:limit]) + " …"
+
+
 class SurgeonError(Exception):
     """A problem with the user's input, explained in one line."""
 

@@ -94,3 +94,41 @@ def test_what_cannot_be_converted_is_listed_with_its_reason():
     swin, size = build("swin_t")
     hidden = [s for s in convert(swin, size)[0].surgeon_info.sites if s.action == "unreachable"]
     assert len(hidden) == 12 and all("softmax inside ShiftedWindowAttention" in s.reason for s in hidden)
+
+
+def _base(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False).eval()
+    return getattr(torchvision.models, name)().eval()
+
+
+@pytest.mark.parametrize("name", ["mnasnet1_0", "swin_v2_t", "maxvit_t", "timm:efficientvit_m0"])
+def test_models_with_unusual_modules_convert_train_merge_and_reload(name, tmp_path):
+    """Modules that read their state-dict version on load (MNASNet), a child's weight read inside a forward
+    (Swin V2's ``qkv.weight``), constants lifted by the tracer (MaxViT) and attributes read from outside a
+    forward (EfficientViT's ``attn.resolution``)."""
+    model = _base(name)
+    recipe = {**surgeon.load_recipe("quadranet-v2-s2a").to_dict(), "trainable": ["*.bias"]}
+    x = torch.randn(2, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)
+        converted = surgeon.convert(model, recipe, example_input=x[:1])
+    check = surgeon.output_difference(model, converted, x)
+    assert check["max_abs_diff"] <= 1e-6 * check["max_abs_output"], check
+    trainable = surgeon.trainable_parameters(converted)
+    converted.train()
+    F.cross_entropy(converted(x), torch.tensor([1, 2])).backward()
+    torch.optim.SGD(trainable.values(), lr=0.1).step()
+    converted.eval()
+    merged = surgeon.merge(converted, example_input=x[:1])
+    assert surgeon.output_difference(converted, merged, x)["relative"] <= 1e-4
+    rebuild = None if name.startswith("timm:") else (lambda: getattr(torchvision.models, name)())
+    surgeon.save(converted, tmp_path / "converted")
+    surgeon.save_merged(merged, tmp_path / "merged")
+    for saved, path in ((converted, "converted"), (merged, "merged")):
+        back = surgeon.load(tmp_path / path, model=rebuild() if rebuild else None)
+        with torch.no_grad():
+            assert torch.equal(back(x), saved(x)), path

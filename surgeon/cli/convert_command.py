@@ -45,10 +45,13 @@ def convert(model: ModelArg,
         raise fail("--out DIR is required (or use --dry-run)")
     if out is not None and out.exists() and not force and not dry_run:
         raise fail(f"{out} already exists (use --force to replace it)")
+    from surgeon.recipe import load_recipe
+
+    resolved_recipe = load_recipe(recipe)  # a bad recipe is named before anything is downloaded or built
     loaded = load_model_argument(model, weights, arch, pretrained=not random_init, non_strict=non_strict)
     with progress("converting"), warnings.catch_warnings():
         warnings.simplefilter("ignore", SurgeonWarning)  # printed below as one line, with the other warnings
-        converted = convert_model(loaded.model, recipe, base=loaded.base)
+        converted = convert_model(loaded.model, resolved_recipe, base=loaded.base)
         check = output_difference(loaded.model, converted, default_input(loaded.model, batch=2))
     info = converted.surgeon_info
     swapped = [s for s in info.sites if s.action == "swap"]

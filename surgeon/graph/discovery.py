@@ -80,10 +80,18 @@ def site_target(module: nn.Module) -> str | None:
     return None
 
 
+def computes_as_conv2d(conv: nn.Module) -> bool:
+    """A Conv2d subclass that only sets arguments (Hugging Face's ``EfficientNetDepthwiseConv2d``): it overrides
+    neither ``forward`` nor ``_conv_forward``, so it computes what a Conv2d computes and is one."""
+    cls = type(conv)
+    return (isinstance(conv, nn.Conv2d) and cls.forward is nn.Conv2d.forward
+            and cls._conv_forward is nn.Conv2d._conv_forward)
+
+
 def _conv_op(conv: nn.Module) -> tuple[str, str]:
     """The conv call a conv site makes (``conv2d`` or timm's dynamic-"same" ``conv2d_same``), and why it cannot
     be replaced ('' when it can)."""
-    if type(conv) is nn.Conv2d:
+    if type(conv) is nn.Conv2d or computes_as_conv2d(conv):
         op = "conv2d"
     elif CONV2D_SAME is not None and type(conv) is CONV2D_SAME:
         op = "conv2d_same"

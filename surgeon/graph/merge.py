@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 from surgeon.graph.discovery import norm_op
 from surgeon.graph.probe import default_input, output_difference
 from surgeon.graph.rewrite import original_of, set_submodule
@@ -95,7 +95,7 @@ def _fold_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]
         graph = trace_model(model)
     except Exception as exc:
         reason = f"the model could not be traced to find what follows it ({type(exc).__name__}: " \
-                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                 f"{first_line(exc, 120)})"
         return [], dict.fromkeys(layers, reason)
     uses: dict[str, int] = {}
     for node in graph.nodes:

@@ -26,6 +26,7 @@ from surgeon.recipe import Recipe, match_pattern
 
 # attributes that timm and users read from a model root; kept if the root itself becomes a GraphModule
 _ROOT_ATTRIBUTES = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "global_pool")
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward"}
 
 
 class RewrittenModule(torch.fx.GraphModule):
@@ -62,8 +63,8 @@ class RewrittenModule(torch.fx.GraphModule):
         sees the module's current children."""
         compiled = torch.fx.GraphModule(self, graph)
         for node in graph.nodes:
-            if node.op == "get_attr" and not hasattr(self, node.target):
-                if "." in node.target:
+            if node.op == "get_attr" and not _resolves(self, node.target):
+                if "." in node.target:  # a child's attribute the rewritten module does not have
                     raise SurgeonError(f"internal: eval-mode graph reads a nested attribute {node.target!r}")
                 self.__dict__[node.target] = getattr(compiled, node.target)
         return type(compiled).forward
@@ -74,8 +75,23 @@ class RewrittenModule(torch.fx.GraphModule):
             if name in self.__dict__:
                 object.__setattr__(copied, name, copy.deepcopy(self.__dict__[name], memo))
         if "_surgeon_eval_graph" in self.__dict__:
+            # constants only the eval graph reads (``_tensor_constantN``) live in this module's __dict__, which
+            # GraphModule's own copy drops: carry them over before the eval forward is rebuilt
+            for node in self.__dict__["_surgeon_eval_graph"].nodes:
+                if node.op == "get_attr" and node.target in self.__dict__ and not _resolves(copied, node.target):
+                    copied.__dict__[node.target] = copy.deepcopy(self.__dict__[node.target], memo)
             copied.recompile()
         return copied
+
+
+def _resolves(module: nn.Module, target: str) -> bool:
+    """Whether a (dotted) ``get_attr`` target is reachable from ``module``: ``qkv.weight`` through its child."""
+    found: Any = module
+    for part in target.split("."):
+        if not hasattr(found, part):
+            return False
+        found = getattr(found, part)
+    return True
 
 
 def original_of(module: nn.Module) -> nn.Module | None:
@@ -153,9 +169,19 @@ def _carry_over_state(original: nn.Module, rewritten: nn.Module) -> None:
     for name, buffer in original.named_buffers(recurse=False):
         if name not in rewritten._buffers:
             rewritten.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    for name in list(rewritten._buffers):
+        if name not in original._buffers:
+            # a constant the tracer lifted (``_tensor_constantN``), often a view of a real buffer: not state (the
+            # conversion re-creates it), so it must not appear in state_dict beside, or instead of, that buffer
+            rewritten._non_persistent_buffers_set.add(name)
     for name in _ROOT_ATTRIBUTES:
         if hasattr(original, name) and not hasattr(rewritten, name):
             setattr(rewritten, name, getattr(original, name))
+    # plain attributes (``resolution``, ``num_heads``, ``scale``...) that code outside the forward reads, as timm's
+    # EfficientViT reads ``attn.resolution`` from the block around it
+    for name, value in original.__dict__.items():
+        if name not in _MODULE_INTERNALS and not hasattr(rewritten, name):
+            rewritten.__dict__[name] = value
     rewritten.train(original.training)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -106,4 +107,8 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     check_finite(state, source)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    fitted = OrderedDict((k, v) for k, v in state.items() if k in expected)
+    # each module's state-dict version as the model was built: a file has none, and some modules (BatchNorm,
+    # torchvision's MNASNet) read their version while loading
+    fitted._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(fitted, strict=False)

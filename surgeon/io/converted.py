@@ -24,6 +24,8 @@ from surgeon.version import __version__
 def save(model: nn.Module, directory: str | Path, force: bool = False, extra_files: dict[str, str] | None = None,
          extra_writer: Callable[[Path], None] | None = None) -> Path:
     """Save a model returned by :func:`surgeon.convert` (possibly trained) as a directory artifact."""
+    if getattr(model, "surgeon_merge", None) is not None:  # saved as converted, it could never be loaded back
+        raise SurgeonError("this is a merged model: save it with surgeon.save_merged")
     info = getattr(model, "surgeon_info", None)
     if info is None:
         raise SurgeonError("model was not produced by surgeon.convert (no surgeon_info); convert it first")

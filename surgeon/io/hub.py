@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.errors import CheckpointError, SurgeonError, first_line
 
 
 class HubError(SurgeonError):
@@ -40,7 +40,7 @@ def explain(exc: Exception, action: str, repo_id: str) -> HubError:
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    first = first_line(exc) or type(exc).__name__
     if status in (401, 403):
         return HubError(f"{action} {repo_id}: not authorised ({status}); pass a write token with --token or "
                         "HF_TOKEN, or run `hf auth login`")

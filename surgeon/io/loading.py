@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from surgeon.errors import CheckpointError, SurgeonError
+from surgeon.errors import CheckpointError, SurgeonError, first_line
 from surgeon.io.checkpoint import WEIGHT_SUFFIXES, fit_state_dict, read_state_dict
 from surgeon.io.layout import CONFIG_NAME
 from surgeon.io.schema import MAX_CLASSES
@@ -40,16 +40,23 @@ class LoadedModel:
 
 def _create(architecture: str, pretrained: bool, **model_args: Any) -> nn.Module:
     if not timm.is_model(architecture):
-        raise SurgeonError(f"unknown architecture {architecture!r}: not a timm model name "
-                           "(see `timm.list_models()`)")
+        raise SurgeonError(f"unknown architecture {architecture!r}: not a timm model name" + close_names(architecture))
     try:
         return timm.create_model(architecture, pretrained=pretrained, **model_args)
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
             raise CheckpointError(
-                f"could not get pretrained weights for {architecture} ({str(exc).splitlines()[0][:160]}); "
+                f"could not get pretrained weights for {architecture} ({first_line(exc)}); "
                 "pass --weights FILE, or check the network / HF_HUB_OFFLINE / HF_TOKEN") from exc
-        raise SurgeonError(f"cannot build {architecture}: {str(exc).splitlines()[0]}") from exc
+        raise SurgeonError(f"cannot build {architecture}: {first_line(exc)}") from exc
+
+
+def close_names(architecture: str) -> str:
+    """'; did you mean …?' with the closest timm model names, or the pointer to the list when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(architecture.lower(), timm.list_models(), n=3, cutoff=0.8)
+    return f"; did you mean {' or '.join(close)}?" if close else " (see `timm.list_models()`)"
 
 
 def _classifier_outputs(architecture: str, state: dict[str, torch.Tensor]) -> int | None:

@@ -140,6 +140,21 @@ def quantized_scaled_dot_product_attention(
         return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, input_bits)
 
 
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; where a fused CPU kernel refuses the machine (torch's bf16 flash
+    attention needs AVX-512 instructions that ``ATEN_CPU_CAPABILITY=default`` or an older CPU lacks), the same
+    call on the math backend, which every CPU runs."""
+    try:
+        return F.scaled_dot_product_attention(query, key, value, **options)
+    except RuntimeError:
+        if query.device.type != "cpu":
+            raise
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # a real error (shapes, dtypes) is raised again from here
+            return F.scaled_dot_product_attention(query, key, value, **options)
+
+
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool, bits: int,
                input_bits: int) -> torch.Tensor:
@@ -149,8 +164,8 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
     # keeps (q, k, v, its output and one log-sum-exp per row, recomputing the probabilities in backward)
     if (not needs_grad or grouped or (attn_mask is not None and attn_mask.requires_grad)
             or _quantized_keeps_more(query, key, value, bits, input_bits)):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return fused_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                               scale=scale, enable_gqa=enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = _additive_mask(attn_mask, is_causal, query, key)
     return _QuantizedAttentionFn.apply(query, key, value, mask, float(dropout_p), scale_value, bits, input_bits)
