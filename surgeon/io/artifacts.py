@@ -70,6 +70,11 @@ def load_model(spec: str, weights: str | None = None, arch: str | None = None, p
     """Resolve a MODEL argument: a timm architecture name (weights from ``weights`` or timm's pretrained source),
     ``hf-hub:org/name``, ``local-dir:PATH`` or a model directory, or a weights file with ``arch``. Directories and
     Hub repos written by surgeon are rebuilt through :func:`load`."""
+    if spec.startswith("transformers:"):
+        from surgeon.io.transformers_source import load_transformers
+
+        model, base = load_transformers(spec.removeprefix("transformers:"), pretrained=pretrained)
+        return LoadedModel(model, None, base["source"], {}, transformers_base=base)
     if spec.startswith("hf-hub:"):
         repo_id, token = spec[len("hf-hub:"):], os.environ.get("HF_TOKEN") or None
         directory = resolve_directory(spec, token=token)

@@ -14,7 +14,15 @@ from torch import nn
 from surgeon.api import convert
 from surgeon.errors import SurgeonError, SurgeonWarning
 from surgeon.io.checkpoint import fit_state_dict, read_state_dict
-from surgeon.io.layout import FORMAT_CONVERTED, base_record, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.layout import (
+    FORMAT_CONVERTED,
+    base_record,
+    build_base,
+    recorded_transformers_base,
+    restore_aliases,
+    timm_config,
+    write_artifact,
+)
 from surgeon.io.untrusted import recorded_source
 from surgeon.ops.memory_format import apply_memory_format
 from surgeon.recipe import parse_recipe
@@ -58,7 +66,7 @@ def reconvert(base: nn.Module, config: dict[str, Any], directory: Path) -> nn.Mo
         return convert(base.eval(), recipe, example_input=example, inplace=True, check_complete=False, base={
             "architecture": config.get("architecture"), "source": recorded_source(section),
             "class": section.get("base_class"), "model_args": config.get("model_args") or {},
-            "example_input_shape": shape})
+            "example_input_shape": shape, **recorded_transformers_base(section)})
 
 
 def finish_loaded(converted: nn.Module, section: dict[str, Any]) -> nn.Module:

@@ -60,7 +60,19 @@ def base_record(base: dict[str, Any]) -> dict[str, Any]:
     """The base fields a saved artifact records: ``base_model`` only where the weights came from that remote
     source (a random-init or local-file base names none), and ``base_weights`` saying where they came from."""
     base_model, base_weights = base_provenance(base.get("source"))
-    return {"base_model": base_model, "base_weights": base_weights, "base_class": base.get("class")}
+    record = {"base_model": base_model, "base_weights": base_weights, "base_class": base.get("class")}
+    if base.get("transformers_config") is not None:
+        record["transformers_config"] = json_safe(base["transformers_config"])
+        record["transformers_preprocessing"] = json_safe(base.get("preprocessing") or {})
+    return record
+
+
+def recorded_transformers_base(section: dict[str, Any]) -> dict[str, Any]:
+    """A transformers base's config and preprocessing as a loaded artifact carries them on (none for timm)."""
+    if section.get("transformers_config") is None:
+        return {}
+    return {"transformers_config": section["transformers_config"],
+            "preprocessing": section.get("transformers_preprocessing") or {}}
 
 
 def timm_config(model: nn.Module, architecture: str | None, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +172,12 @@ def build_base(config: dict[str, Any], directory: Path, weights: Path) -> nn.Mod
     are checked against the weights file's header."""
     import timm
 
+    section = config.get("surgeon") or {}
+    if section.get("transformers_config") is not None:
+        from surgeon.io.transformers_source import build_from_config
+
+        return build_from_config(section["transformers_config"], section.get("transformers_preprocessing") or {},
+                                 header_shapes(weights), str(directory / CONFIG_NAME))
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise SurgeonError(f"{directory}: base architecture {architecture!r} is not a timm model; pass the base "

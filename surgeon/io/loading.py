@@ -32,8 +32,12 @@ class LoadedModel:
     source: str
     model_args: dict[str, Any] = field(default_factory=dict)
 
+    transformers_base: dict[str, Any] | None = None  # a transformers model: its config and preprocessing
+
     @property
     def base(self) -> dict[str, Any]:
+        if self.transformers_base is not None:
+            return dict(self.transformers_base)
         return {"architecture": self.architecture, "source": self.source, "model_args": self.model_args,
                 "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
 

@@ -16,7 +16,15 @@ from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.graph.merge import DTYPES, MergeInfo, apply_folds
 from surgeon.graph.rewrite import set_submodule
 from surgeon.io.checkpoint import fit_state_dict, read_state_dict
-from surgeon.io.layout import FORMAT_MERGED, base_record, build_base, restore_aliases, timm_config, write_artifact
+from surgeon.io.layout import (
+    FORMAT_MERGED,
+    base_record,
+    build_base,
+    recorded_transformers_base,
+    restore_aliases,
+    timm_config,
+    write_artifact,
+)
 from surgeon.io.schema import LayerEntry
 from surgeon.io.untrusted import check_layers_fit, header_shapes, recorded_source
 from surgeon.methods.quadratic.inference import QuadraConvDW
@@ -74,7 +82,8 @@ def load_merged(directory: Path, config: dict[str, Any], weights: Path, model: n
     apply_memory_format(base, section.get("memory_format"))
     base.surgeon_merge = MergeInfo(base={"architecture": config.get("architecture"),
                                          "source": recorded_source(section), "class": section.get("base_class"),
-                                         "model_args": config.get("model_args") or {}},
+                                         "model_args": config.get("model_args") or {},
+                                         **recorded_transformers_base(section)},
                                    recipe=section.get("recipe") or {}, layers={e["path"]: e for e in
                                                                                section.get("layers", [])},
                                    folded=dict(folded), unfolded=dict(section.get("unfolded_batchnorm") or {}),

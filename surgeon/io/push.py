@@ -77,8 +77,8 @@ def card_base_model(config: dict[str, Any]) -> str | None:
     of its pretrained weights, or the ``hf-hub:`` repo), never for a random-init or local-file base."""
     section = config.get("surgeon", {})
     source, kind = section.get("base_model") or "", section.get("base_weights")
-    if kind == "hf-hub" and source.startswith("hf-hub:"):
-        return source.removeprefix("hf-hub:").split("@")[0]
+    if kind == "hf-hub" and source.startswith(("hf-hub:", "transformers:")):
+        return source.removeprefix("hf-hub:").removeprefix("transformers:").split("@")[0]
     if kind == "timm" and source.startswith("timm:"):
         hub_id = (config.get("pretrained_cfg") or {}).get("hf_hub_id")
         return hub_id if isinstance(hub_id, str) and hub_id else None
@@ -94,7 +94,9 @@ def _card(config: dict[str, Any], repo_id: str) -> str:
     recipe = section.get("recipe") or {}
     base_model = card_base_model(config)
     metrics = section.get("metrics") or {}
-    data = ModelCardData(library_name="timm", base_model=base_model, tags=[*TAGS, recipe.get("name", "")],
+    # timm rebuilds a timm-based artifact's architecture; a transformers-based one loads through surgeon only
+    library = "surgeon" if section.get("transformers_config") is not None else "timm"
+    data = ModelCardData(library_name=library, base_model=base_model, tags=[*TAGS, recipe.get("name", "")],
                          license=cfg.get("license") or "other", pipeline_tag="image-classification")
     sites = section.get("sites") or []
     layers = section.get("layers") or []

@@ -103,6 +103,10 @@ class _Section(_Strict):
     weights_sha256: Sha256  # required: the weights are verified against it
     memory_format: Literal["contiguous", "channels_last"] | None = None
     metrics: dict[str, float | int | str | None] | None = None
+    # a transformers base: its config (rebuilt with AutoModelForImageClassification, never remote code) and the
+    # preprocessing of its image processor
+    transformers_config: dict[str, Any] | None = None
+    transformers_preprocessing: dict[str, Any] | None = None
     exports: Annotated[list[ExportEntry], Field(max_length=64)] = []
 
 

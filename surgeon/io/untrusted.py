@@ -192,7 +192,7 @@ def base_provenance(source: str | None) -> tuple[str | None, str]:
         return None, "unknown"
     if source.startswith("timm:"):
         return source, "timm"
-    if source.startswith("hf-hub:"):
+    if source.startswith("hf-hub:") or source.startswith("transformers:"):
         return source, "hf-hub"
     if source.startswith("random-init:"):
         return None, "random-init"
