@@ -150,3 +150,25 @@ def test_the_card_of_a_transformers_artifact_names_its_base_and_library(saved, t
     config["surgeon"].update(base_model="transformers:facebook/convnext-tiny-224", base_weights="hf-hub")
     assert card_base_model(config) == "facebook/convnext-tiny-224"
     assert "base_model: facebook/convnext-tiny-224" in _card(config, "org/converted")
+
+
+def test_adapt_gives_a_transformers_model_a_head_for_the_data_classes(saved, tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):  # two named classes; the model has three
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (72, 72, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+    runner = CliRunner()
+    for args in (["convert", f"transformers:{saved('convnext')}", "--out", str(tmp_path / "converted")],
+                 ["adapt", str(tmp_path / "converted"), "--data", str(tmp_path / "data"), "--out",
+                  str(tmp_path / "adapted"), "--epochs", "1", "--batch-size", "4", "--device", "cpu"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert "classifier head reset to 2 classes (cat, dog)" in result.output
+    adapted = surgeon.load(tmp_path / "adapted")
+    with torch.no_grad():
+        assert logits(adapted(torch.randn(1, 3, 64, 64))).shape == (1, 2)
+    recorded = json.loads((tmp_path / "adapted" / "config.json").read_text())["surgeon"]["transformers_config"]
+    assert recorded["id2label"] == {"0": "cat", "1": "dog"}

@@ -135,6 +135,14 @@ def _check_adapter_out(out: Path, adapter_out: Path, force: bool) -> None:
 def _fit_head(model: Any, classes: int, names: list[str], indices: bool, say: Callable[[str], None]) -> None:
     """A new trainable classifier head when the data has another number of classes than the model."""
     if classes != getattr(model, "num_classes", classes):
+        if (getattr(model, "surgeon_info", None) is not None
+                and model.surgeon_info.base.get("transformers_config") is not None):
+            from surgeon.io.transformers_source import reset_head
+
+            reset_head(model, names)
+            say(f"classifier head reset to {classes} classes ({', '.join(names[:5])}"
+                f"{', …' if classes > 5 else ''}); the new head is trainable")
+            return
         if not hasattr(model, "reset_classifier"):
             raise fail(f"the data has {classes} classes but the model has {model.num_classes} and no "
                        "reset_classifier(); rebuild its head first")

@@ -97,6 +97,25 @@ def load_transformers(location: str, pretrained: bool = True) -> tuple[nn.Module
     return model.eval(), base
 
 
+def reset_head(model: nn.Module, names: list[str]) -> None:
+    """A new trainable ``classifier`` for ``len(names)`` classes on a converted transformers model, labelled with
+    ``names`` in the config the artifact records, so that loading it rebuilds a head of that size."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise SurgeonError(f"the transformers model's classifier is {type(head).__name__}, not a Linear layer: "
+                           "rebuild its head first")
+    classes = len(names)
+    fresh = nn.Linear(head.in_features, classes, bias=head.bias is not None)
+    model.classifier = fresh.to(device=head.weight.device, dtype=head.weight.dtype)  # trainable: requires grad
+    model.num_classes = classes  # type: ignore[assignment]
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg["num_classes"] = classes
+    record = model.surgeon_info.base["transformers_config"]  # type: ignore[union-attr]
+    record["id2label"] = {str(i): name for i, name in enumerate(names)}
+    record["label2id"] = {name: i for i, name in enumerate(names)}
+    record.pop("num_labels", None)
+
+
 def build_from_config(record: dict[str, Any], preprocessing_record: dict[str, Any], header: dict[str, tuple],
                       where: str) -> nn.Module:
     """The base a saved artifact's transformers config describes, with random weights (the file has them).
