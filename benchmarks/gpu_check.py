@@ -93,18 +93,10 @@ def run_sections(sections: list[tuple[str, Callable[[Section], None]]], json_pat
 
 
 def cuda_ms(run: Callable[[], object], repetitions: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``run`` measured with CUDA events."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repetitions):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of ``run`` measured with CUDA events (autotuning's own timer)."""
+    from surgeon.ops.kernels.autotune import cuda_event_time
+
+    return cuda_event_time(run, repetitions, warmup)
 
 
 # ------------------------------------------------------------------------------------------ sections

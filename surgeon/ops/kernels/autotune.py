@@ -43,12 +43,12 @@ def forced_route() -> str:
     return value
 
 
-def cuda_event_time(run: Callable[[], Any]) -> float:
+def cuda_event_time(run: Callable[[], Any], repetitions: int = REPETITIONS, warmup: int = WARMUP) -> float:
     """Median milliseconds of ``run`` on the current CUDA stream, after warm-up calls."""
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         run()
     times = []
-    for _ in range(REPETITIONS):
+    for _ in range(repetitions):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()

@@ -119,11 +119,8 @@ def _module(name: str, name_expressions: tuple[str, ...] = ()) -> Any | None:
     try:
         import cupy
 
-        if name_expressions:
-            module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options(),
-                                    name_expressions=list(name_expressions))
-        else:
-            module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
+        module = cupy.RawModule(code=kernel_source(name), options=nvrtc_options(),
+                                name_expressions=list(name_expressions) or None)
         module.compile()
     except Exception as exc:
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -228,6 +225,19 @@ def _enabled(entry: str, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ quadratic conv
+def conv_span(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, int]:
+    """The window a dilated kernel covers: ``d * (k - 1) + 1`` per dim."""
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))  # type: ignore[return-value]
+
+
+def output_size(size: tuple[int, int], span: tuple[int, ...], stride: tuple[int, ...],
+                pads: tuple[int, ...]) -> tuple[int, int]:
+    """Output (height, width) of a ``span`` window at ``stride`` over an input padded by (left, right, top,
+    bottom)."""
+    left, right, top, bottom = pads
+    return ((size[0] + top + bottom - span[0]) // stride[0] + 1, (size[1] + left + right - span[1]) // stride[1] + 1)
+
+
 @dataclass(frozen=True)
 class QuadconvLaunch:
     kernel: str
@@ -247,9 +257,8 @@ def quadconv_launch(x: torch.Tensor, kernel_size: tuple[int, int], dilation: tup
     if channels_last is None:
         channels_last = is_channels_last(x)
     n, c, h, w = x.shape
-    left, right, top, bottom = pads
-    ho = (h + top + bottom - span[0]) // stride[0] + 1
-    wo = (w + left + right - span[1]) // stride[1] + 1
+    left, _, top, _ = pads
+    ho, wo = output_size((h, w), span, stride, pads)
     total = n * c * ho * wo
     grid = max(1, min((total + BLOCK - 1) // BLOCK, 65535 * 8))
     ints = (n, c, h, w, ho, wo, *kernel_size, *dilation, *span, *stride, top, left, rank, int(has_bias))
@@ -455,9 +464,11 @@ class AtrousGeometry:
     rank: int
     stride: tuple[int, int]
 
+    def span(self) -> tuple[int, int]:
+        return conv_span(self.kernel, self.dilation)
+
     def supported(self) -> bool:
-        span = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation)]
-        return self.rank <= ATROUS_MAX_RANK and max(span) <= ATROUS_MAX_SPAN and min(self.stride) >= 1
+        return self.rank <= ATROUS_MAX_RANK and max(self.span()) <= ATROUS_MAX_SPAN and min(self.stride) >= 1
 
     def name_expression(self, dtype: torch.dtype, channels_last: bool, channels: int) -> str:
         """The template instantiation for this geometry, storage type and layout (NHWC: also the channel count)."""
@@ -508,10 +519,8 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
     n, c, h, w = x.shape
     if channels_last and c > ATROUS_MAX_CHANNELS:
         return None
-    left, right, top, bottom = pads
-    span = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilation)]
-    ho = (h + top + bottom - span[0]) // geometry.stride[0] + 1
-    wo = (w + left + right - span[1]) // geometry.stride[1] + 1
+    left, _, top, _ = pads
+    ho, wo = output_size((h, w), geometry.span(), geometry.stride, pads)
     if ho <= 0 or wo <= 0 or x.numel() >= 2**31:
         return None
     entry = geometry.name_expression(x.dtype, channels_last, c)

@@ -9,6 +9,8 @@ torch ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -180,26 +182,35 @@ def quadratic_dwconv(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
         return cuda_kernels.fused_quadratic(x, w3, b3, w1, w2, tuple(stride), tuple(pads), tuple(dilation), rank,
                                             torch_route)
 
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w3, b3, w1, w2))
+    return _tuned(x, (tuple(w3.shape[-2:]), tuple(dilation), tuple(w1.shape[-2:]), tuple(stride), tuple(pads), rank),
+                  fused_route, torch_route)
+
+
+def _tuned(x: torch.Tensor, geometry: tuple, fused_route: Callable[[], torch.Tensor | None],
+           torch_route: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The route autotuning keeps for this geometry and input (the torch route off CUDA, and whenever the fused
+    kernel cannot run). ``geometry``: kernel size, dilation, span, stride, pads, rank of the tuning key."""
     fused = None
-    if cuda_kernels.usable(x) and not needs_grad:  # forward-only kernel: autograd takes the torch route
-        key = autotune.RouteKey(tuple(w3.shape[-2:]), tuple(dilation), tuple(w1.shape[-2:]), tuple(stride),
-                                tuple(pads), rank, tuple(x.shape), str(x.dtype).removeprefix("torch."),
+    if cuda_kernels.usable(x):
+        key = autotune.RouteKey(*geometry, tuple(x.shape), str(x.dtype).removeprefix("torch."),
                                 cuda_kernels.is_channels_last(x))
         if autotune.TUNER.route(key, x.device, fused_route, torch_route) == "fused":
             fused = fused_route()
     return fused if fused is not None else torch_route()
 
 
+def _quadconv_output_like(x: torch.Tensor, span: tuple[int, ...], stride: list[int], pads: list[int]) -> torch.Tensor:
+    """The (meta) output of a quadratic conv: its size and the input's memory format."""
+    n, c, h, w = x.shape
+    out_h, out_w = cuda_kernels.output_size((h, w), span, tuple(stride), tuple(pads))
+    memory_format = torch.channels_last if cuda_kernels.is_channels_last(x) else torch.contiguous_format
+    return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
+
+
 @quadratic_dwconv.register_fake
 def _(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
       stride: list[int], pads: list[int], dilation: list[int], rank: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    span_h, span_w = w1.shape[-2:]
-    out_h = (h + pads[2] + pads[3] - span_h) // stride[0] + 1
-    out_w = (w + pads[0] + pads[1] - span_w) // stride[1] + 1
-    memory_format = torch.channels_last if cuda_kernels.is_channels_last(x) else torch.contiguous_format
-    return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
+    return _quadconv_output_like(x, tuple(w1.shape[-2:]), stride, pads)
 
 
 @torch.library.custom_op("surgeon::quadratic_atrous", mutates_args=())
@@ -222,26 +233,15 @@ def quadratic_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
             return None  # weights laid out for the other memory format
         return cuda_kernels.fused_atrous(x, w3, b3, wa, wb, geometry, tuple(pads), torch_route)  # type: ignore[arg-type]
 
-    fused = None
-    if cuda_kernels.usable(x):
-        key = autotune.RouteKey(tuple(kernel), tuple(dilation), (*branch_a, *branch_b), tuple(stride), tuple(pads),
-                                rank, tuple(x.shape), str(x.dtype).removeprefix("torch."),
-                                cuda_kernels.is_channels_last(x))
-        if autotune.TUNER.route(key, x.device, fused_route, torch_route) == "fused":
-            fused = fused_route()
-    return fused if fused is not None else torch_route()
+    return _tuned(x, (tuple(kernel), tuple(dilation), (*branch_a, *branch_b), tuple(stride), tuple(pads), rank),
+                  fused_route, torch_route)
 
 
 @quadratic_atrous.register_fake
 def _(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
       kernel: list[int], dilation: list[int], branch_a: list[int], branch_b: list[int], rank: int, stride: list[int],
       pads: list[int], tap_major: bool) -> torch.Tensor:
-    n, c, h, w = x.shape
-    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    out_h = (h + pads[2] + pads[3] - span[0]) // stride[0] + 1
-    out_w = (w + pads[0] + pads[1] - span[1]) // stride[1] + 1
-    memory_format = torch.channels_last if cuda_kernels.is_channels_last(x) else torch.contiguous_format
-    return x.new_empty((n, c, out_h, out_w)).contiguous(memory_format=memory_format)
+    return _quadconv_output_like(x, cuda_kernels.conv_span(tuple(kernel), tuple(dilation)), stride, pads)
 
 
 def atrous_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
@@ -250,12 +250,12 @@ def atrous_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
     input padded for its own window inside the span."""
     channels = x.shape[1]
     w3c, wac, wbc = cuda_kernels.conv_weights(w3, wa, wb, geometry, channels, tap_major)
-    span = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilation)]
+    span = geometry.span()
     left, right, top, bottom = pads
 
     def conv(weight: torch.Tensor, taps: tuple[int, int], dil: tuple[int, int], at: tuple[int, int],
              bias: torch.Tensor | None) -> torch.Tensor:
-        reach = [d * (k - 1) + 1 for k, d in zip(taps, dil)]
+        reach = cuda_kernels.conv_span(taps, dil)
         own = (left - at[1], right - (span[1] - reach[1] - at[1]), top - at[0], bottom - (span[0] - reach[0] - at[0]))
         return F.conv2d(F.pad(x, own), weight.to(x.dtype), bias, tuple(geometry.stride), 0, dil, channels)
 
