@@ -218,6 +218,7 @@ def kernels(section: Section, quick: bool) -> None:
                     ((back.float() - rows.float()).abs()[finite] <= q.step.expand_as(rows)[finite] * 0.51
                      + 1e-2 * rows.float().abs()[finite]).all()),
             }
+            checks.update(_training_kernels(dtype, counter))
             for name, same in checks.items():
                 ran = all(any(entry.startswith(kind) for entry in counter.counts) for kind in name.split(" + "))
                 section.check(f"{name} {str(dtype)[6:]}", same and ran, "on the device" if ran else "FELL BACK")
@@ -232,6 +233,58 @@ def kernels(section: Section, quick: bool) -> None:
             print(f"  {entry}: {resources['registers']} registers, {resources['local_bytes']} bytes local memory")
     finally:
         os.environ.pop("SURGEON_QUADCONV_ROUTE", None)
+
+
+def _training_kernels(dtype: torch.dtype, counter: LaunchCounter, device: str = "cuda",
+                      images: tuple[int, int, int, int] = (64, 96, 28, 28), rows_count: int = 4096
+                      ) -> dict[str, bool]:
+    """A training step's own kernels (counted by ``counter``): the one-pass row quantizer, the coded-gradient
+    product, and a converted layer's quadratic term forward and backward against the float64 reference."""
+    from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
+    from surgeon.methods.s2a.activation import pack_codes
+    from surgeon.ops import coded_gradient
+    from surgeon.ops.derivative_codebook import codebook
+    from surgeon.ops.kernels import library as kernel_ops
+    from surgeon.ops.kernels.cuda import exact_fp32
+    from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+
+    rows = torch.randn(rows_count, 196, device=device).to(dtype)  # byte-aligned rows: one rows_quantize launch
+    x = torch.randn(*images, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    book = codebook("gelu", 4)
+    grad = torch.randn_like(x)
+    order = [0, 2, 3, 1]  # channels-last memory order
+    with counter:
+        q = quantize_rows(rows, 8)
+        back = dequantize_rows(*q.tensors(), q.rows, q.width, 8, dtype)
+        codes = pack_codes(x, book, 4, tuple(order))
+        product = kernel_ops.coded_product(grad, codes, 4, list(book.value_floats), order)
+    want_product = coded_gradient.coded_product(grad, codes, 4, tuple(book.value_floats), tuple(order))
+    checks = {
+        "rows_quantize + rows_unpack": bool(((back.float() - rows.float()).abs()
+                                              <= q.step * 0.51 + 1e-2 * rows.float().abs()).all()),
+        "coded_product": torch.equal(product, want_product),
+    }
+    worst = 0.0
+    for rank in (1, 2):
+        channels = images[1]
+        conv = torch.nn.Conv2d(channels, channels, 7, 1, 3, groups=channels)
+        layer = QuadraticDepthwiseConv2d.from_conv(conv, rank=rank).to(device)
+        torch.nn.init.normal_(layer.weight_a, 0, 0.1)
+        reference = QuadraticDepthwiseConv2d.from_conv(conv, rank=rank).to(device).double()
+        reference.load_state_dict(layer.state_dict())
+        inputs = x.detach().requires_grad_(True)
+        ref_inputs = x.detach().double().requires_grad_(True)
+        with exact_fp32():
+            want = reference.forward_reference(ref_inputs)
+            want.backward(grad.double())
+            with counter:
+                layer.to(dtype)(inputs).backward(grad)
+        pairs = [(inputs.grad, ref_inputs.grad), (layer.weight_a.grad, reference.weight_a.grad),
+                 (layer.weight_b.grad, reference.weight_b.grad)]
+        for got, expected in pairs:
+            worst = max(worst, ((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1)).item())
+    checks["quadratic_term"] = worst <= 4 * TOLERANCE[dtype]
+    return checks
 
 
 def speed(section: Section, quick: bool) -> None:

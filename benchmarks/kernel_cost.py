@@ -66,13 +66,15 @@ def layer_geometry(kernel: int = 7, stride: int = 1, rank: int = 1, dilation: in
 
 
 def instantiation_source(expressions: list[str]) -> str:
-    """A translation unit that instantiates each name expression (explicit instantiations of the template)."""
+    """A translation unit that instantiates each name expression (explicit instantiations of the templates of
+    ``quadratic_atrous.cu``: ``quadconv_atrous`` and ``quadratic_term``)."""
     source = data_dir("kernels").joinpath("quadratic_atrous.cu").read_text(encoding="utf-8")
-    match = re.search(r"__global__ void quadconv_atrous\(([^)]*)\)", source)
-    assert match is not None
     lines = ['#include "quadratic_atrous.cu"']
     for expression in expressions:
-        storage = expression.split("<", 1)[1].split(",", 1)[0].strip()
+        kernel, arguments = expression.split("<", 1)
+        match = re.search(rf"__global__ void {re.escape(kernel.strip())}\(([^)]*)\)", source)
+        assert match is not None, f"no template kernel {kernel!r} in quadratic_atrous.cu"
+        storage = arguments.split(",", 1)[0].strip()
         params = re.sub(r"\bT\b", storage, re.sub(r"__restrict__\s+\w+|\b(N|C|H|W|HO|WO|pad_top|pad_left)\b", "",
                                                    match.group(1)))
         lines.append(f"template __global__ void {expression}({params});")

@@ -4,7 +4,8 @@ Counted on the CPU with a ``TorchDispatchMode`` (``surgeon.train.step_ops``): a 
 ``aten._local_scalar_dense`` (on CUDA each one stalls the CPU until the GPU catches up); a launching op is any op
 that is not a view, an allocation or a metadata query, and each of surgeon's own ops counts as the kernels its CUDA
 route launches. Dispatch is the same on every device, so these are the counts a CUDA step makes on the torch
-route (surgeon's CPU C++ kernels are switched off, as a GPU has none of them).
+route (``surgeon.ops.device_route.cuda_route``: surgeon's CPU C++ kernels and CPU-only workarounds are off, as a
+GPU has none of them).
 
 Models without depthwise convs (ViT, Swin) get no quadratic adapters: there the recipe trains the biases
 ("+bias"), as in ``benchmarks/memory.py``.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import warnings
 
 MODELS = ("convnext_atto", "tf_efficientnet_lite0", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
@@ -54,12 +54,14 @@ def count(model_name: str, recipe: str | None, batch: int):
     """Syncs and launches of one step (after a warm-up step, gradients cleared)."""
     import torch
 
+    from surgeon.ops.device_route import cuda_route
     from surgeon.train.step_ops import count_step_ops, forward_backward
 
     model, marker = build(model_name, recipe)
     step = forward_backward(model, torch.randn(batch, 3, 224, 224))
-    step()
-    return count_step_ops(step), marker
+    with cuda_route():  # the route a CUDA device takes: no CPU kernels, no CPU-only workarounds
+        step()
+        return count_step_ops(step), marker
 
 
 def main() -> None:
@@ -69,7 +71,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args()
-    os.environ["SURGEON_DISABLE_CPU_KERNELS"] = "1"  # the route a CUDA device takes
     rows = []
     print(f"{'model':34} {'config':24} {'syncs':>6} {'launches':>9} {'× full FT':>10}")
     for name in args.models:

@@ -109,6 +109,63 @@ extern "C" __global__ void rows_range_finish(const float* partial, long long row
     }
 }
 
+// the largest block rows_quantize takes (a power of two)
+#define SURGEON_ROWS_BLOCK 256
+
+template <typename T>
+__device__ __forceinline__ void rows_quantize(const T* x, long long rows, long long width, int bits,
+                                              float inv_levels, int nonnegative, const float* shift,
+                                              float* offset_out, float* step_out, unsigned char* out) {
+    // range and codes of whole rows in one kernel, a block per row (blockDim.x a power of two): the block reduces
+    // the row's finite ends in shared memory, then packs the row, which starts on a byte (the caller checks that
+    // width * bits is a multiple of 8). Same floats as rows_range_partial + rows_range_finish + rows_pack; the
+    // offset kept is low - shift[row] where a shift is given (a layer norm keeps rows centred on their mean).
+    __shared__ float high_s[SURGEON_ROWS_BLOCK], low_s[SURGEON_ROWS_BLOCK];
+    const int t = threadIdx.x;
+    const int per_byte = 8 / bits;
+    const float levels = (float)((1 << bits) - 1);
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* values = x + row * width;
+        float high = -SURGEON_INFINITY, low = SURGEON_INFINITY;
+        for (long long i = t; i < width; i += blockDim.x) {
+            const float v = load_f(values, i);
+            if (fabsf(v) <= SURGEON_FLT_MAX) {
+                high = fmaxf(high, v);
+                low = fminf(low, v);
+            }
+        }
+        high_s[t] = high;
+        low_s[t] = low;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half /= 2) {
+            if (t < half) {
+                high_s[t] = fmaxf(high_s[t], high_s[t + half]);
+                low_s[t] = fminf(low_s[t], low_s[t + half]);
+            }
+            __syncthreads();
+        }
+        high = high_s[0];
+        low = low_s[0];
+        __syncthreads();  // every thread has read the ends before the next row overwrites them
+        if (high < low) high = low = 0.0f;
+        if (nonnegative) low = 0.0f;
+        const float step = fmaxf(__fmul_rn(high - low, inv_levels), SURGEON_FLT_MIN);
+        if (t == 0) {
+            step_out[row] = step;
+            if (!nonnegative) offset_out[row] = shift ? low - shift[row] : low;
+        }
+        unsigned char* row_out = out + row * width / per_byte;
+        for (long long j = t; j < width / per_byte; j += blockDim.x) {
+            unsigned int packed = 0;
+            for (int k = 0; k < per_byte; ++k) {
+                const float q = fminf(fmaxf(rintf((load_f(values, j * per_byte + k) - low) / step), 0.0f), levels);
+                packed |= (unsigned int)q << (k * bits);
+            }
+            row_out[j] = (unsigned char)packed;
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void rows_unpack(const unsigned char* packed, const float* low, const float* step,
                                             long long width, T* out, long long n, int bits) {
@@ -120,6 +177,19 @@ __device__ __forceinline__ void rows_unpack(const unsigned char* packed, const f
         const unsigned int code = (packed[i / per_byte] >> ((i % per_byte) * bits)) & mask;
         const float scaled = __fmul_rn((float)code, step[row]);
         store_f(out, i, low ? __fadd_rn(scaled, low[row]) : scaled);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void coded_product(const T* grad, const unsigned char* packed, const float* values,
+                                              T* out, long long n, int bits) {
+    // the backward of a coded activation: grad * values[code], codes packed in the same element order; one fp32
+    // multiply rounded once to T (the torch route multiplies by fp32 factors too)
+    const int per_byte = 8 / bits;
+    const unsigned int mask = (1u << bits) - 1u;
+    SURGEON_GRID_STRIDE_LOOP(i, n) {
+        const unsigned int code = (packed[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+        store_f(out, i, __fmul_rn(load_f(grad, i), values[code]));
     }
 }
 
@@ -140,6 +210,15 @@ __device__ __forceinline__ void rows_unpack(const unsigned char* packed, const f
     extern "C" __global__ void rows_range_partial_##SUFFIX(const T* x, long long rows, long long width,       \
                                                            int segments, float* partial) {                   \
         rows_range_partial<T>(x, rows, width, segments, partial);                                            \
+    }                                                                                                        \
+    extern "C" __global__ void coded_product_##SUFFIX(const T* grad, const unsigned char* packed,              \
+                                                      const float* values, T* out, long long n, int bits) {   \
+        coded_product<T>(grad, packed, values, out, n, bits);                                                \
+    }                                                                                                        \
+    extern "C" __global__ void rows_quantize_##SUFFIX(const T* x, long long rows, long long width, int bits,   \
+                                                      float inv_levels, int nonnegative, const float* shift,   \
+                                                      float* offset_out, float* step_out, unsigned char* out) { \
+        rows_quantize<T>(x, rows, width, bits, inv_levels, nonnegative, shift, offset_out, step_out, out);  \
     }                                                                                                        \
     extern "C" __global__ void rows_unpack_##SUFFIX(const unsigned char* packed, const float* low,            \
                                                     const float* step, long long width, T* out, long long n, \

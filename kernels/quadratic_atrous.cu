@@ -22,8 +22,9 @@ struct AtrousAxis {
     }
 };
 
+// TERMS: which sums the layer accumulates (1: the primary, 2: branch a, 4: branch b).
 template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH, int AW, int ADH, int ADW, int AT,
-          int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W>
+          int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W, int TERMS = 7>
 struct AtrousLayer {
     static constexpr int SH = DH * (KH - 1) + 1;  // the primary's span: every branch lies inside it
     static constexpr int SW = DW * (KW - 1) + 1;
@@ -35,6 +36,48 @@ struct AtrousLayer {
     using ColA = AtrousAxis<AW, ADW, AL>;
     using RowB = AtrousAxis<BH, BDH, BT>;
     using ColB = AtrousAxis<BW, BDW, BL>;
+
+    // Where one thread works: output row oh, columns ow0.. of channel c of image n; x + row is the first input its
+    // span reads (ih0, iw0: that input's row and column, negative in the padding); out, its first output's offset
+    // in a C-channel output of x's layout.
+    struct Tile {
+        int n, c, oh, ow0, ih0, iw0;
+        long long col_step, row_step, row, out;
+    };
+
+    // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW
+    __device__ __forceinline__ static Tile place(long long index, int C, int H, int W, int HO, int WO, int pad_top,
+                                                 int pad_left) {
+        constexpr int CHANNELS = CH > 0 ? CH : 1;
+        const int tiles = (WO + OUT_W - 1) / OUT_W;
+        Tile t;
+        long long rest = index;
+        int tile;
+        if (NHWC) {
+            t.c = (int)(rest % CHANNELS); rest /= CHANNELS;  // a constant divisor: a multiply and a shift
+            tile = (int)(rest % tiles); rest /= tiles;
+            t.oh = (int)(rest % HO); t.n = (int)(rest / HO);
+        } else {
+            tile = (int)(rest % tiles); rest /= tiles;
+            t.oh = (int)(rest % HO); rest /= HO;
+            t.c = (int)(rest % C); t.n = (int)(rest / C);
+        }
+        t.ow0 = tile * OUT_W;
+        t.ih0 = t.oh * SY - pad_top;
+        t.iw0 = t.ow0 * SX - pad_left;
+        t.col_step = NHWC ? CH : 1;
+        t.row_step = (long long)W * t.col_step;
+        const long long plane = NHWC ? (long long)t.n * H * W * CH + t.c : ((long long)t.n * C + t.c) * H * W;
+        t.row = plane + (long long)t.ih0 * t.row_step + (long long)t.iw0 * t.col_step;
+        t.out = NHWC ? (((long long)t.n * HO + t.oh) * WO + t.ow0) * CH + t.c
+                     : (((long long)t.n * C + t.c) * HO + t.oh) * WO + t.ow0;
+        return t;
+    }
+
+    // whether the tile's whole span lies inside the image (the interior path: no bounds tests)
+    __device__ __forceinline__ static bool interior(const Tile& t, int H, int W) {
+        return t.ih0 >= 0 && t.ih0 + SH <= H && t.iw0 >= 0 && t.iw0 + COLS <= W;
+    }
 
     struct Sums {
         float primary[OUT_W], a[RANK][OUT_W], b[RANK][OUT_W];
@@ -49,14 +92,6 @@ struct AtrousLayer {
         }
     }
 
-    // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32)
-    __device__ __forceinline__ static float output(const Sums& s, int j, float bias) {
-        float value = bias + s.primary[j];
-#pragma unroll
-        for (int r = 0; r < RANK; ++r) value += s.a[r][j] * s.b[r][j];
-        return value;
-    }
-
     // Accumulate every span row into s. CHECKED: the window may reach outside the image (zeros there).
     // col_step: elements between horizontal neighbours (CH in NHWC, 1 in NCHW); row_step: between rows.
     template <bool CHECKED>
@@ -69,7 +104,8 @@ struct AtrousLayer {
         // that the kernel's registers are those of the interior path
 #pragma unroll(CHECKED ? 1 : SH)
         for (int sr = 0; sr < SH; ++sr, row += row_step) {
-            const int kh = RowP::tap(sr), ah = RowA::tap(sr), bh = RowB::tap(sr);
+            const int kh = (TERMS & 1) ? RowP::tap(sr) : NONE, ah = (TERMS & 2) ? RowA::tap(sr) : NONE,
+                      bh = (TERMS & 4) ? RowB::tap(sr) : NONE;
             if (kh == NONE && ah == NONE && bh == NONE) continue;  // no tap in this row (resolved at compile time)
             float v[COLS];
             const bool row_inside = !CHECKED || (ih0 + sr >= 0 && ih0 + sr < H);
@@ -80,7 +116,8 @@ struct AtrousLayer {
             }
 #pragma unroll
             for (int sc = 0; sc < SW; ++sc) {
-                const int kw = ColP::tap(sc), aw = ColA::tap(sc), bw = ColB::tap(sc);
+                const int kw = (TERMS & 1) ? ColP::tap(sc) : NONE, aw = (TERMS & 2) ? ColA::tap(sc) : NONE,
+                          bw = (TERMS & 4) ? ColB::tap(sc) : NONE;
                 if (kh != NONE && kw != NONE) {
                     const float w = load_f(w3, (long long)(kh * KW + kw) * tap_step);
 #pragma unroll
@@ -102,6 +139,36 @@ struct AtrousLayer {
             }
         }
     }
+
+    // Every output of a tile: inside the image, OUT_W outputs from one register window with no bounds tests; at a
+    // border, one output at a time with bounds tests, so this rare path needs few registers. emit(j, sums, k):
+    // output j of the tile from column k of sums.
+    template <typename Emit>
+    __device__ __forceinline__ static void each_output(const Tile& t, const T* row, int H, int W, int WO, const T* w3,
+                                                       const T* wa, const T* wb, Emit emit) {
+        if (interior(t, H, W)) {
+            Sums s;
+            clear(s);
+            rows<false>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
+#pragma unroll
+            for (int j = 0; j < OUT_W; ++j) {
+                if (t.ow0 + j < WO) emit(j, s, j);
+            }
+        } else {
+#ifndef SURGEON_INTERIOR_ONLY  // defined only to measure the interior path's static cost (benchmarks/kernel_cost.py)
+            using Single = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL,
+                                       RANK, SY, SX, 1, TERMS>;
+#pragma unroll 1
+            for (int j = 0; j < OUT_W && t.ow0 + j < WO; ++j) {
+                typename Single::Sums s;
+                Single::clear(s);
+                Single::template rows<true>(s, row + (long long)j * SX * t.col_step, t.row_step, t.ih0,
+                                            t.iw0 + j * SX, H, W, w3, wa, wb);
+                emit(j, s, 0);
+            }
+#endif
+        }
+    }
 };
 
 template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH, int AW, int ADH, int ADW, int AT,
@@ -112,59 +179,70 @@ __global__ void quadconv_atrous(const T* __restrict__ x, const T* __restrict__ w
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
                               SY, SX, OUT_W>;
     if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
-    constexpr int CHANNELS = CH > 0 ? CH : 1;
-    const int tiles = (WO + OUT_W - 1) / OUT_W;
-    const long long total = (long long)N * C * HO * tiles;
+    const long long total = (long long)N * C * HO * ((WO + OUT_W - 1) / OUT_W);
     SURGEON_GRID_STRIDE_LOOP(index, total) {
-        // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW
-        int c, tile, oh, n;
-        long long rest = index;
-        if (NHWC) {
-            c = (int)(rest % CHANNELS); rest /= CHANNELS;  // a constant divisor: a multiply and a shift
-            tile = (int)(rest % tiles); rest /= tiles;
-            oh = (int)(rest % HO); n = (int)(rest / HO);
-        } else {
-            tile = (int)(rest % tiles); rest /= tiles;
-            oh = (int)(rest % HO); rest /= HO;
-            c = (int)(rest % C); n = (int)(rest / C);
-        }
-        const int ow0 = tile * OUT_W;
-        const int ih0 = oh * SY - pad_top;
-        const int iw0 = ow0 * SX - pad_left;
-        const long long col_step = NHWC ? CH : 1;
-        const long long row_step = (long long)W * col_step;
-        const long long plane = NHWC ? (long long)n * H * W * CH + c : ((long long)n * C + c) * H * W;
-        const T* row = x + plane + (long long)ih0 * row_step + (long long)iw0 * col_step;
+        const typename Layer::Tile t = Layer::place(index, C, H, W, HO, WO, pad_top, pad_left);
         // each weight pointer at this channel's first tap
-        const T* w3c = w3 + (NHWC ? c : (long long)c * KH * KW);
+        const T* w3c = w3 + (NHWC ? t.c : (long long)t.c * KH * KW);
+        const T* wac = wa + (NHWC ? t.c : (long long)t.c * RANK * AH * AW);
+        const T* wbc = wb + (NHWC ? t.c : (long long)t.c * RANK * BH * BW);
+        const float bias = b3 ? load_f(b3, t.c) : 0.0f;
+        // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32)
+        Layer::each_output(t, x + t.row, H, W, WO, w3c, wac, wbc, [&](int j, const auto& s, int k) {
+            float value = bias + s.primary[k];
+#pragma unroll
+            for (int r = 0; r < RANK; ++r) value += s.a[r][k] * s.b[r][k];
+            store_f(y, t.out + (long long)j * t.col_step, value);
+        });
+    }
+}
+
+// The quadratic term alone, for training (the primary conv runs as the original layer did, so a converted layer
+// stays exact at init). MODE 0: y = given + sum_r a_r * b_r, given being the primary conv's output. MODE 1:
+// y = a_r * given, MODE 2: y = b_r * given, given being the output gradient (C channels) and y of C * RANK channels
+// (channel c * RANK + r): the factor a branch's weight and input gradients need, one kernel instead of a recomputed
+// conv and a multiply. MODE 3: both, a_r * given in y[0] and b_r * given in y[1] (y: two such tensors). Same
+// tiling, taps and layouts as quadconv_atrous (x, grad and y share a memory format; weights channel-major in NCHW,
+// tap-major in NHWC).
+template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH, int AW, int ADH, int ADW, int AT,
+          int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W, int MODE>
+__global__ void quadratic_term(const T* __restrict__ x, const T* __restrict__ wa, const T* __restrict__ wb,
+                               const T* __restrict__ given, T* __restrict__ y, int N, int C, int H, int W, int HO,
+                               int WO, int pad_top, int pad_left) {
+    constexpr int TERMS = MODE == 1 ? 2 : MODE == 2 ? 4 : 6;
+    using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
+                              SY, SX, OUT_W, TERMS>;
+    if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
+    const long long total = (long long)N * C * HO * ((WO + OUT_W - 1) / OUT_W);
+    SURGEON_GRID_STRIDE_LOOP(index, total) {
+        const typename Layer::Tile t = Layer::place(index, C, H, W, HO, WO, pad_top, pad_left);
+        const int c = t.c, n = t.n, oh = t.oh, ow0 = t.ow0;
         const T* wac = wa + (NHWC ? c : (long long)c * RANK * AH * AW);
         const T* wbc = wb + (NHWC ? c : (long long)c * RANK * BH * BW);
-        const float bias = b3 ? load_f(b3, c) : 0.0f;
-        const long long out = NHWC ? (((long long)n * HO + oh) * WO + ow0) * CH + c
-                                   : (((long long)n * C + c) * HO + oh) * WO + ow0;
-        if (ih0 >= 0 && ih0 + Layer::SH <= H && iw0 >= 0 && iw0 + Layer::COLS <= W) {
-            // inside the image: OUT_W outputs from one register window, no bounds tests
-            typename Layer::Sums s;
-            Layer::clear(s);
-            Layer::template rows<false>(s, row, row_step, ih0, iw0, H, W, w3c, wac, wbc);
+        // output j of this thread: at t.out + j * col_step of a C-channel tensor (given, and y in MODE 0), and of
+        // rank r at (n, c * RANK + r, oh, ow0 + j) of the C * RANK-channel factor
+        const long long factor_at = NHWC ? (((long long)n * HO + oh) * WO + ow0) * CH * RANK + (long long)c * RANK
+                                         : (((long long)n * C + c) * RANK * HO + oh) * WO + ow0;
+        const long long factor_col = NHWC ? (long long)CH * RANK : 1;
+        const long long factor_rank = NHWC ? 1 : (long long)HO * WO;
+        const long long factor_total = (long long)N * C * RANK * HO * WO;  // MODE 3: where y[1] starts
+        // output j from its branch sums: added to the primary's (MODE 0) or each rank's factor times the gradient
+        Layer::each_output(t, x + t.row, H, W, WO, wac, wac, wbc, [&](int j, const auto& s, int k) {
+            const long long at = t.out + (long long)j * t.col_step;
+            if (MODE == 0) {
+                float value = load_f(given, at);
 #pragma unroll
-            for (int j = 0; j < OUT_W; ++j) {
-                if (ow0 + j < WO) store_f(y, out + (long long)j * col_step, Layer::output(s, j, bias));
+                for (int r = 0; r < RANK; ++r) value += s.a[r][k] * s.b[r][k];
+                store_f(y, at, value);
+            } else {
+                const float g = load_f(given, at);
+#pragma unroll
+                for (int r = 0; r < RANK; ++r) {
+                    const long long f = factor_at + j * factor_col + r * factor_rank;
+                    store_f(y, f, (MODE == 2 ? s.b[r][k] : s.a[r][k]) * g);
+                    if (MODE == 3) store_f(y, factor_total + f, s.b[r][k] * g);
+                }
             }
-        } else {
-#ifndef SURGEON_INTERIOR_ONLY  // defined only to measure the interior path's static cost (benchmarks/kernel_cost.py)
-            // at a border: one output at a time with bounds tests, so this rare path needs few registers
-            using Single = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL,
-                                       RANK, SY, SX, 1>;
-#pragma unroll 1
-            for (int j = 0; j < OUT_W && ow0 + j < WO; ++j) {
-                typename Single::Sums s;
-                Single::clear(s);
-                Single::template rows<true>(s, row + (long long)j * SX * col_step, row_step, ih0, iw0 + j * SX, H,
-                                            W, w3c, wac, wbc);
-                store_f(y, out + (long long)j * col_step, Single::output(s, 0, bias));
-            }
-#endif
-        }
+        });
     }
 }

@@ -33,6 +33,9 @@ import torch
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = ("bitpack.cu", "quadratic_dwconv.cu")  # extern "C" entries
 TEMPLATE_SOURCES = ("quadratic_atrous.cu",)  # instantiated per name expression
+# kernels whose block threads wait for each other (__syncthreads): run as fibers; any other kernel that reaches a
+# barrier aborts its launch
+COOPERATIVE_KERNELS = ("rows_quantize_",)
 POINTEE_DTYPES = {"float": torch.float32, "surgeon_half": torch.float16, "surgeon_bfloat16": torch.bfloat16,
                   "unsigned char": torch.uint8}
 SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
@@ -68,7 +71,8 @@ def build_harness(directory: Path) -> tuple[ctypes.CDLL, dict[str, list[str]]]:
     cases = []
     for name, params in prototypes.items():
         casts = ", ".join(f"*({p}*)args[{i}]" for i, p in enumerate(params))  # args[i] points at the value
-        cases.append(f'    if (std::strcmp(name, "{name}") == 0) {{ SURGEON_LAUNCH({name}, grid, block, {casts}); '
+        launch = "SURGEON_LAUNCH_COOPERATIVE" if name.startswith(COOPERATIVE_KERNELS) else "SURGEON_LAUNCH"
+        cases.append(f'    if (std::strcmp(name, "{name}") == 0) {{ {launch}({name}, grid, block, {casts}); '
                      "return 0; }")
     source = includes + "#include <cstring>\n" + (
         'extern "C" int launch(const char* name, unsigned grid, unsigned block, void** args) {\n'
@@ -266,6 +270,9 @@ def run_in_child(harness: ctypes.CDLL, name: str, grid: int, block: int, slots: 
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        if sig == signal.SIGABRT:
+            raise LaunchError(f"{name}: aborted - a barrier in a kernel not launched cooperatively, or a barrier "
+                              "that some threads of a block never reach")
         side = "past the end of" if at_end else "before the start of"
         raise LaunchError(f"{name}: {signal.Signals(sig).name} - a load or store {side} one of its buffers")
     if os.WEXITSTATUS(status) != 0:

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from benchmarks.launches import count
+from surgeon.ops.device_route import cuda_route
 from surgeon.ops.kernels import library as kernel_ops
 from surgeon.train.step_ops import count_step_ops
 
 
 @pytest.fixture(autouse=True)
-def cuda_route(monkeypatch):
-    monkeypatch.setenv("SURGEON_DISABLE_CPU_KERNELS", "1")  # the GPU trains through the torch route
+def on_cuda_route():
+    with cuda_route():  # the GPU trains through the torch route
+        yield
 
 
 def test_the_counter_sees_a_sync_a_launch_and_syncs_inside_surgeons_ops():
@@ -47,5 +49,7 @@ def test_a_training_step_makes_no_host_sync(model):
     assert marker == ("" if model in ("convnext_atto", "tf_efficientnet_lite0") else " +bias")
     assert full.syncs == 0
     assert adapted.syncs == 0, dict(adapted.sync_sites)
-    # fused range, pack and unpack ops: no chain of small ops per quantized tensor
-    assert adapted.launches <= 3 * full.launches, adapted.by_op.most_common(10)
+    # fused range, pack and unpack ops: no chain of small ops per quantized tensor; where quadratic layers train,
+    # their term in one kernel each way: at most 1.5x the launches of full fine-tuning
+    bound = 1.5 if model in ("convnext_atto", "tf_efficientnet_lite0") else 3
+    assert adapted.launches <= bound * full.launches, adapted.by_op.most_common(10)

@@ -5,6 +5,7 @@ types and out-of-bounds accesses."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
 from surgeon.methods.s2a.activation import pack_codes, pack_mask
 from surgeon.ops import bitpack
 from surgeon.ops.activations import ActivationSpec
 from surgeon.ops.derivative_codebook import codebook
+from surgeon.ops.device_route import cuda_route
 from surgeon.ops.kernels import cuda as cuda_kernels
 from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.row_quantizer import quantize_rows
@@ -90,22 +94,54 @@ def test_pack_wrappers_match_the_torch_packers(gpu, dtype, monkeypatch):
     x = (torch.randn(3, 7, 5, 11) * 4).to(dtype).requires_grad_(True)  # as inside an autograd forward
     rows = torch.randn(13, 150).to(dtype)
     rows[2, 7], rows[5, 0], rows[6] = float("inf"), float("nan"), float("-inf")  # finite-only ranges, an empty row
+    odd = rows[:5, :151 - 2 * 13]  # 125 wide: 4-bit rows that share bytes take range + pack, two kernels
+    shift = torch.randn(13, 1)
     relu, book = ActivationSpec("relu6", ()), codebook("gelu", 4)
 
     def results():
         q, probs = quantize_rows(rows, 4), quantize_rows(rows.abs(), 4, nonnegative=True)
-        return (pack_mask(x, relu), pack_codes(x, book, 4), *q.tensors(), *probs.tensors(),
-                dequantize_rows(*q.tensors(), 13, 150, 4, dtype), dequantize_rows(*probs.tensors(), 13, 150, 4, dtype))
+        centred, q_odd = quantize_rows(rows, 8, shift=shift), quantize_rows(odd.contiguous(), 4)
+        return (pack_mask(x, relu), pack_codes(x, book, 4), *q.tensors(), *probs.tensors(), *centred.tensors(),
+                *q_odd.tensors(), dequantize_rows(*q.tensors(), 13, 150, 4, dtype),
+                dequantize_rows(*probs.tensors(), 13, 150, 4, dtype))
 
     got = results()
     suffix = fake_cupy_suffix(dtype)
     assert {launch.name for launch in gpu.launches} == {
-        *(f"{kind}_{suffix}" for kind in ("mask_pack", "codebook_pack", "rows_pack", "rows_range_partial",
-                                         "rows_unpack")), "rows_range_finish"}
+        *(f"{kind}_{suffix}" for kind in ("mask_pack", "codebook_pack", "rows_quantize", "rows_pack",
+                                         "rows_range_partial", "rows_unpack")), "rows_range_finish"}
+    assert [launch.block for launch in gpu.launches if launch.name.startswith("rows_quantize")] == [(64,)] * 3
     assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
     monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
     for a, b in zip(got, results(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_coded_product_kernel_matches_the_torch_route_bit_for_bit(gpu, dtype, channels_last, monkeypatch):
+    """A coded activation's backward (ReLU6's 1-bit mask, GELU's 4-bit derivative codes) in one kernel, codes
+    and gradient in the activation's storage order."""
+    from surgeon.ops.coded_gradient import storage_order
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5, 11) * 4
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    grad = torch.randn_like(x).to(dtype)
+    order = storage_order(x)
+    book = codebook("gelu", 4)
+    cases = [(pack_mask(x, ActivationSpec("relu6", ()), order), 1, (0.0, 1.0)),
+             (pack_codes(x, book, 4, order), 4, book.value_floats)]
+    got = [kernel_ops.coded_product(grad, packed, bits, list(values), list(order)) for packed, bits, values in cases]
+    assert [launch.name for launch in gpu.launches if launch.name.startswith("coded")] == [
+        f"coded_product_{fake_cupy_suffix(dtype)}"] * 2
+    assert not cuda_kernels.REGISTRY.disabled
+    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
+    for product, (packed, bits, values) in zip(got, cases, strict=True):
+        want = kernel_ops.coded_product(grad, packed, bits, list(values), list(order))
+        assert product.dtype == dtype and product.stride() == want.stride()
+        assert torch.equal(product, want)
+        assert not torch.equal(product, grad)  # the factors did something
 
 
 def fake_cupy_suffix(dtype: torch.dtype) -> str:
@@ -139,6 +175,85 @@ def test_the_specialised_atrous_kernel_matches_the_dense_route(gpu, kernel, stri
         scale = max(1.0, want.abs().max().item())
         assert (y.double() - want).abs().max().item() <= TOLERANCE[dtype] * scale
     assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
+
+
+def training_layer(kernel, stride, padding, dilation, rank, same, channels=6) -> QuadraticDepthwiseConv2d:
+    """A converted (training) layer of the sweep's geometry with a non-zero quadratic term."""
+    if same:
+        from timm.layers.conv2d_same import Conv2dSame
+
+        conv = Conv2dSame(channels, channels, kernel, stride, dilation=dilation, groups=channels)
+    else:
+        conv = nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels)
+    layer = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, rank=rank)
+    nn.init.normal_(layer.weight_a, 0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,rank,same,size", SWEEP)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_runs_the_quadratic_term_kernel_forward_and_backward(gpu, kernel, stride, padding, dilation, rank,
+                                                                     same, size, channels_last):
+    """Every geometry of the emulation sweep, both layouts, fp32 and bf16, on the route a CUDA device takes: the
+    forward adds the quadratic term in one kernel and the backward forms both branch factors in one more ("add" and
+    "a_and_b_times" instantiations), and output and every gradient equal the float64 reference."""
+    torch.manual_seed(kernel * 10 + rank)
+    layer = training_layer(kernel, stride, padding, dilation, rank, same)
+    geometry = layer.atrous_geometry()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(2, 6, *size).to(dtype).contiguous(memory_format=fmt)
+        reference = copy.deepcopy(layer).double()
+        x_ref = x0.double().requires_grad_(True)
+        want = reference.forward_reference(x_ref)
+        upstream = torch.randn_like(want)
+        want.backward(upstream)
+        layer.to(dtype)
+        x = x0.clone().requires_grad_(True)
+        gpu.launches.clear()
+        with cuda_route():
+            y = layer(x)
+            y.backward(upstream.to(dtype).contiguous(memory_format=fmt))
+        launched = {launch.name for launch in gpu.launches}
+        modes = {geometry.term_expression(dtype, channels_last, 6, cuda_kernels.TERM_MODES[mode])
+                 for mode in ("add", "a_and_b_times")}
+        if geometry.supported():
+            assert modes <= launched
+        else:
+            assert not launched & modes
+        tolerance = TOLERANCE[dtype] if dtype == torch.float32 else 4e-2
+        pairs = [(y, want), (x.grad, x_ref.grad), (layer.weight_a.grad, reference.weight_a.grad),
+                 (layer.weight_b.grad, reference.weight_b.grad)]
+        for got, expected in pairs:
+            scale = max(1.0, expected.abs().max().item())
+            assert (got.double() - expected).abs().max().item() <= tolerance * scale
+        layer.zero_grad()
+        layer.float()
+    assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
+
+
+@pytest.mark.parametrize("trained", ["weight_a", "weight_b"])
+def test_one_trained_branch_takes_the_single_factor_kernel(gpu, trained):
+    """With the input's gradient not needed and one branch trained, the backward forms only that branch's factor
+    (the other branch times the gradient): the "b_times" kernel for branch a, "a_times" for branch b."""
+    torch.manual_seed(1)
+    layer = training_layer(7, 1, 3, 1, 2, False)
+    layer.requires_grad_(False)
+    getattr(layer, trained).requires_grad_(True)
+    x = torch.randn(2, 6, 12, 10)
+    reference = copy.deepcopy(layer).double()
+    want = reference.forward_reference(x.double())
+    upstream = torch.randn_like(want)
+    want.backward(upstream)
+    with cuda_route():
+        layer(x).backward(upstream.float())
+    mode = "b_times" if trained == "weight_a" else "a_times"
+    launched = [launch.name for launch in gpu.launches]
+    geometry = layer.atrous_geometry()
+    assert geometry.term_expression(torch.float32, False, 6, cuda_kernels.TERM_MODES[mode]) in launched
+    assert geometry.term_expression(torch.float32, False, 6, cuda_kernels.TERM_MODES["a_and_b_times"]) not in launched
+    torch.testing.assert_close(getattr(layer, trained).grad.double(), getattr(reference, trained).grad,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_atrous_weights_are_laid_out_once_per_layout_and_follow_changes(gpu):
@@ -257,8 +372,19 @@ def test_fused_ops_are_real_torch_library_ops():
              (kernel_ops.codebook_pack, (x, book.cell_codes, book.low, book.step, 4)),
              (kernel_ops.rows_pack, (rows, q.offset, q.step, 4)), (kernel_ops.rows_pack, (rows.abs(), None, q.step, 4)),
              (kernel_ops.rows_range, (rows, 4, False)), (kernel_ops.rows_range, (rows, 8, True)),
+             (kernel_ops.rows_quantize, (rows, 4, False, None)), (kernel_ops.rows_quantize, (rows, 8, True, None)),
+             (kernel_ops.rows_quantize, (rows, 8, False, torch.randn(6, 1))),
              (kernel_ops.rows_unpack, (q.packed, q.offset, q.step, 6, 20, 4, torch.bfloat16)),
-             (kernel_ops.rows_unpack, (q.packed, None, q.step, 6, 20, 4, torch.float32))]
+             (kernel_ops.rows_unpack, (q.packed, None, q.step, 6, 20, 4, torch.float32)),
+             (kernel_ops.coded_product, (x, pack_codes(x, book, 4), 4, list(book.value_floats), [0, 1, 2, 3]))]
+    trained = training_layer(5, 2, 2, 1, 2, False, channels=5)
+    geometry = trained.atrous_geometry()
+    given = trained.primary_conv(x, trained.weight, trained.bias).detach()
+    for mode in cuda_kernels.TERM_MODES:
+        cases.append((kernel_ops.quadratic_term, (
+            mode, x, trained.weight_a.detach(), trained.weight_b.detach(), given, list(geometry.kernel),
+            list(geometry.dilation), list(geometry.branch_a), list(geometry.branch_b), 2, [2, 2],
+            list(trained.primary_pads(x)))))
     for op, args in cases:  # schema, fake (meta) implementation, dispatch under compile/export tracing
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
@@ -308,6 +434,20 @@ def test_the_gpu_check_isolates_sections_and_writes_every_number(tmp_path, capsy
     assert not saved["mismatch"]["passed"] and saved["after"]["passed"]
     assert "FAILED: raises, mismatch" in capsys.readouterr().out
     assert run_sections([("fine", fine)], None) == 0
+
+
+def test_the_gpu_checks_training_kernel_rows_run_against_the_fake(gpu):
+    """The GPU check's rows for a training step's kernels, at a small size on the fake: each kernel runs (not a
+    fallback) and each row holds."""
+    from benchmarks.gpu_check import LaunchCounter, _training_kernels
+
+    counter = LaunchCounter()
+    with cuda_route():
+        checks = _training_kernels(torch.float32, counter, device="cpu", images=(1, 8, 12, 11), rows_count=8)
+    assert set(checks) == {"rows_quantize + rows_unpack", "coded_product", "quadratic_term"}
+    assert all(checks.values()), checks
+    for kind in ("rows_quantize", "rows_unpack", "coded_product", "quadratic_term"):
+        assert any(entry.startswith(kind) for entry in counter.counts), (kind, counter.counts)
 
 
 def test_the_fake_refuses_bf16_through_dlpack_as_cupy_does(gpu):

@@ -8,6 +8,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from surgeon.methods.quadratic.layer import AtrousKernel, QuadraticDepthwiseConv2d, default_branches
+from surgeon.ops.device_route import cuda_route
 from surgeon.train.memory import KeptForBackward
 
 CASES = [
@@ -24,6 +25,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["cpu", "cuda"])
+def torch_route(request):
+    """The CPU's own torch route (dense branch gradients, C++ kernels where they apply) and CUDA's (dilated
+    convs on views of the input), both run here."""
+    if request.param == "cpu":
+        yield request.param
+        return
+    with cuda_route():
+        yield request.param
+
+
 def make_conv(kernel: int, stride: int, padding, dilation: int, same: bool, channels: int = 6) -> nn.Conv2d:
     if same:
         return Conv2dSame(channels, channels, kernel, stride, groups=channels, dilation=dilation)
@@ -33,7 +45,7 @@ def make_conv(kernel: int, stride: int, padding, dilation: int, same: bool, chan
 @pytest.mark.parametrize("kernel,stride,padding,dilation,same", CASES)
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_exact_at_init(kernel, stride, padding, dilation, same, rank, channels_last, seeded):
+def test_exact_at_init(kernel, stride, padding, dilation, same, rank, channels_last, torch_route, seeded):
     conv = make_conv(kernel, stride, padding, dilation, same)
     layer = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, rank=rank)
     for size in [(13, 11), (16, 16)]:
@@ -48,7 +60,7 @@ def test_exact_at_init(kernel, stride, padding, dilation, same, rank, channels_l
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,same", CASES)
 @pytest.mark.parametrize("keep", [False, True])
-def test_gradients_match_naive_formula(kernel, stride, padding, dilation, same, keep, seeded):
+def test_gradients_match_naive_formula(kernel, stride, padding, dilation, same, keep, torch_route, seeded):
     conv = make_conv(kernel, stride, padding, dilation, same, channels=3).double()
     layer = QuadraticDepthwiseConv2d.from_conv(conv, same_dynamic=same, rank=2, keep_branches=keep,
                                                train_bias=True).double()

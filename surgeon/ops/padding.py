@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from timm.layers.padding import get_same_padding
 
 Pair = tuple[int, int]
@@ -45,3 +47,13 @@ def split_pads(pads: Pads) -> tuple[Pads | None, Pair]:
     if left == right and top == bottom and left >= 0 and top >= 0:
         return None, (top, left)
     return pads, (0, 0)
+
+
+def pad_or_crop(t: torch.Tensor, pads: Pads) -> tuple[torch.Tensor, Pair]:
+    """``F.pad(t, pads)`` and the origin (row, column) of the result in ``t``'s coordinates; pads that only crop
+    give a view (no copy, no kernel)."""
+    left, right, top, bottom = pads
+    if max(pads) <= 0:
+        height, width = t.shape[-2:]
+        return t[..., -top:height + bottom, -left:width + right], (-top, -left)
+    return F.pad(t, pads), (-top, -left)

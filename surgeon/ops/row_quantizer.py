@@ -29,14 +29,17 @@ class QuantizedRows:
         return self.packed, self.offset, self.step
 
 
-def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) -> QuantizedRows:
+def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False,
+                  shift: torch.Tensor | None = None) -> QuantizedRows:
     """Quantize every row of a tensor (its last dim; any leading dims, in any strides) to ``2**bits`` levels between
     the row's min and max (round to nearest). The codes are packed in the rows' logical order, so a permuted
     tensor (attention's ``q``/``k``/``v``) is not copied into a matrix first.
 
     ``nonnegative`` rows (probabilities) use 0 as the lower end and store no offset. Non-finite values do not
     spoil their row: the range is that of the row's finite values, +inf saturates at the top code, -inf and NaN
-    take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way)."""
+    take the bottom code, so every row dequantizes to finite values (the CUDA kernel codes them the same way).
+    ``shift`` (one value per row) is subtracted from the offset kept: the rows then dequantize minus it (a layer
+    norm keeps its rows centred on their mean)."""
     width = matrix.shape[-1]
     rows = matrix.numel() // max(width, 1)
     if matrix.dim() != 2:
@@ -48,9 +51,12 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False) ->
     )
 
     # the range and the codes are both decided on the device: nothing here reads a value back to the host
+    if (width * bits) % 8 == 0:  # rows start on a byte: range and codes in one op (one kernel on the GPU)
+        packed, offset, step = kernel_ops.rows_quantize(matrix.detach(), bits, nonnegative, shift)
+        return QuantizedRows(packed, offset, step, rows, width, bits)
     low, step = kernel_ops.rows_range(matrix.detach(), bits, nonnegative)
     packed = kernel_ops.rows_pack(matrix.detach(), None if nonnegative else low, step, bits)
-    offset = low.new_zeros(0) if nonnegative else low
+    offset = low.new_zeros(0) if nonnegative else low if shift is None else low - shift.reshape(-1, 1).float()
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 

@@ -6,8 +6,8 @@ op that runs a kernel: views, allocations and metadata queries launch nothing an
 surgeon's own (``torch.ops.surgeon.*``) counts as one launch, as its CUDA kernel is one; the ops it runs inside are
 still watched for syncs, which its torch route would make on any device.
 
-Count with ``SURGEON_DISABLE_CPU_KERNELS=1`` to see the route a CUDA device takes: surgeon's CPU kernels are C++
-calls the dispatcher never sees, and the GPU trains through the torch route.
+Count inside ``surgeon.ops.device_route.cuda_route()`` to see the route a CUDA device takes: surgeon's CPU kernels
+are C++ calls the dispatcher never sees, and the GPU trains through the torch route, without the CPU's workarounds.
 
 The counts are the same on the CPU as on CUDA for the same code path (dispatch is device-independent), so CI
 checks them without a GPU.
@@ -35,6 +35,7 @@ _NO_LAUNCH = frozenset({
     "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
     "aten.lift_fresh", "aten.set_", "aten.resize_", "aten.is_same_size", "aten.sym_size", "aten.sym_stride",
     "aten.sym_numel", "aten.sym_storage_offset", "aten._to_copy_noop", "aten.is_coalesced",
+    "aten._unsafe_view",  # a view without autograd's view tracking (reshape's result after a copy): no kernel
 })
 OWN_NAMESPACE = "surgeon"
 # surgeon's ops whose CUDA route is more than one kernel (any other counts as one)

@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.ops.device_route import takes_cpu_route
 from surgeon.ops.kernels import cpu as cpu_kernels
+from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.memory_format import is_channels_last
-from surgeon.ops.padding import Pads, Pair, branch_pads, same_pads, split_pads, static_pads
+from surgeon.ops.padding import Pads, Pair, branch_pads, pad_or_crop, same_pads, split_pads, static_pads
 from surgeon.ops.precision import autocast_off, cast, compute_dtype, grad_as
 from surgeon.ops.row_quantizer import dequantize_image, quantize_image
 
@@ -70,19 +73,44 @@ def _branch_forward(x: torch.Tensor, weight: torch.Tensor, call: _BranchCall, st
     return F.conv2d(xp, weight, None, stride, call.padding, call.dilation, groups), xp
 
 
-def _unpad(grad: torch.Tensor, pre_pads: Pads | None) -> torch.Tensor:
-    if pre_pads is None:
-        return grad
-    return F.pad(grad, tuple(-p for p in pre_pads))
-
-
-def _conv_backward(grad: torch.Tensor, xp: torch.Tensor, weight: torch.Tensor, call: _BranchCall, stride: Pair,
-                   groups: int, need_input: bool, need_weight: bool, bias_size: list[int] | None = None,
+def _conv_backward(grad: torch.Tensor, conv_input: _ConvInput, weight: torch.Tensor, stride: Pair, groups: int,
+                   need_input: bool, need_weight: bool, bias_size: list[int] | None = None,
                    need_bias: bool = False) -> tuple[torch.Tensor | None, ...]:
     return torch.ops.aten.convolution_backward(
-        grad, xp, weight, bias_size, list(stride), list(call.padding), list(call.dilation), False, [0, 0], groups,
-        [need_input, need_weight, need_bias],
+        grad, conv_input.tensor, weight, bias_size, list(stride), list(conv_input.padding), list(conv_input.dilation),
+        False, [0, 0], groups, [need_input, need_weight, need_bias],
     )
+
+
+@dataclass(frozen=True)
+class _ConvInput:
+    """What one of the layer's convs reads: a tensor (the input, a padded copy or a cropped view of either), the
+    conv's own padding and dilation, and where the tensor's first row and column lie in the input's coordinates
+    (negative: in the padding), so its gradient can be added back into the input's."""
+
+    tensor: torch.Tensor
+    padding: Pair
+    dilation: Pair
+    origin: Pair
+
+    def conv(self, weight: torch.Tensor, stride: Pair, groups: int) -> torch.Tensor:
+        return F.conv2d(self.tensor, weight, None, stride, self.padding, self.dilation, groups)
+
+
+def _add_window_gradient(grad_x: torch.Tensor | None, grad: torch.Tensor, origin: Pair, shape: torch.Size,
+                         memory_format: torch.memory_format) -> torch.Tensor:
+    """Add ``grad``, the gradient w.r.t. a window of the input that starts at ``origin`` (padding included), into
+    the input's gradient ``grad_x`` (None: made from this one, without a copy where the window is the input)."""
+    (top, left), (height, width) = origin, shape[-2:]
+    rows = max(0, top), min(height, top + grad.shape[-2])
+    cols = max(0, left), min(width, left + grad.shape[-1])
+    part = grad[..., rows[0] - top:rows[1] - top, cols[0] - left:cols[1] - left]
+    if grad_x is None:
+        if rows == (0, height) and cols == (0, width):
+            return grad if part.shape == grad.shape else part.contiguous(memory_format=memory_format)
+        grad_x = grad.new_zeros(shape).contiguous(memory_format=memory_format)
+    grad_x[..., rows[0]:rows[1], cols[0]:cols[1]].add_(part)
+    return grad_x
 
 
 def _tap_positions(branch: AtrousKernel, span: Pair) -> tuple[slice, slice]:
@@ -106,20 +134,26 @@ def dense_branch_grad(dense_grad: torch.Tensor, branch: AtrousKernel, span: Pair
     return dense_grad[(..., *_tap_positions(branch, span))].contiguous()
 
 
-def _dense_branch_conv(xp: torch.Tensor, weight: torch.Tensor, branch: AtrousKernel, span: Pair, stride: Pair,
-                       groups: int) -> torch.Tensor:
-    """A branch computed on an input already padded for the primary conv (no padding of its own)."""
-    return F.conv2d(xp, dense_branch_weight(weight, branch, span), None, stride, (0, 0), (1, 1), groups)
+def _keep_input(ctx: Any, layer: QuadraticDepthwiseConv2d, source: torch.Tensor, *rest: torch.Tensor) -> None:
+    """Save the (padded) input at the layer's ``saved_input_bits`` and the weights (and kept branches)."""
+    ctx.compressed = None
+    if layer.saved_input_bits < 32:
+        kept_x, ctx.compressed = quantize_image(source, layer.saved_input_bits)
+        ctx.save_for_backward(*kept_x, *rest)
+    else:
+        ctx.save_for_backward(source, *rest)
 
 
 class _QuadraticDepthwiseFn(torch.autograd.Function):
     """Forward: the primary conv plus the product of two dilated branch convs, products formed in place.
 
-    Backward recomputes the branches from the (dequantized) input. The branch gradients run as *dense* depthwise
-    convs on the primary's grid (taps embedded in a span-sized kernel): PyTorch's CPU backward for dilated
-    depthwise convs falls back to an im2col route that allocates ``taps x input`` columns and runs several times
-    slower, while the dense depthwise backward takes the oneDNN path. Each branch gradient is formed in the
-    recomputed branch's own buffer and freed before the next, so at most four full-size tensors are alive."""
+    Backward recomputes the branches from the (dequantized) input, and forms each branch gradient in the
+    recomputed branch's own buffer, freed before the next, so at most four full-size tensors are alive. On CUDA
+    every branch conv is cuDNN's dilated conv, on the input or a cropped view of its padded copy. The CPU's own
+    route runs the branch gradients as *dense* depthwise convs on the primary's grid (taps embedded in a
+    span-sized kernel): PyTorch's CPU backward for dilated depthwise convs falls back to an im2col route that
+    allocates ``taps x input`` columns and runs several times slower, while the dense depthwise backward takes
+    the oneDNN path."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -136,31 +170,33 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         ctx.kernel = _cpu_kernel(ctx, x, weight, weight_a, weight_b, layer)
         if ctx.kernel is not None:
             return _forward_cpu_kernel(ctx, x, weight, bias, weight_a, weight_b, layer)
-        primary_call, call_a, call_b = layer.branch_calls(x)
-        ctx.padded = layer.same_dynamic and primary_call.pre_pads is not None
-        if ctx.padded:
+        primary_call = layer.branch_calls(x)[0]
+        padded = layer.same_dynamic and primary_call.pre_pads is not None
+        ctx.pads = primary_call.pre_pads if padded else None  # the pads the kept input already has
+        ctx.dense = takes_cpu_route(x.device)
+        if padded:
             # timm's dynamic "same" padding: pad once, run the primary conv exactly as the original did and both
-            # branches as dense convs on the same padded input (not two more padded copies), keep it padded
-            xp = F.pad(x, primary_call.pre_pads)
-            primary = F.conv2d(xp, weight, bias, layer.stride, (0, 0), layer.dilation, layer.channels)
-            span = conv_span(layer.kernel_size, layer.dilation)
-            a = _dense_branch_conv(xp, weight_a, layer.branch_a, span, layer.stride, layer.channels)
-            b = _dense_branch_conv(xp, weight_b, layer.branch_b, span, layer.stride, layer.channels)
+            # branches on the same padded input (not two more padded copies), keep it padded
+            source = F.pad(x, primary_call.pre_pads)
+            primary = F.conv2d(source, weight, bias, layer.stride, (0, 0), layer.dilation, layer.channels)
         else:
-            xp = x
+            source = x
             primary = layer.primary_conv(x, weight, bias)
-            a, _ = _branch_forward(x, weight_a, call_a, layer.stride, layer.channels)
-            b, _ = _branch_forward(x, weight_b, call_b, layer.stride, layer.channels)
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.calls = (primary_call, call_a, call_b)
+        ctx.layer, ctx.has_bias, ctx.shape = layer, bias is not None, x.shape
+        # the quadratic term as one op (one kernel on the GPU) where the specialised kernels take the layer
+        ctx.term_op = not (ctx.dense or layer.keep_branches) and cuda_kernels.atrous_applies(source,
+                                                                                           layer.atrous_geometry())
+        if ctx.term_op:
+            output = layer.quadratic_term("add", source, weight_a, weight_b, primary, ctx.pads)
+            _keep_input(ctx, layer, source, weight, weight_a, weight_b)
+            return output
+        a = layer.factor(source, weight_a, layer.branch_a, ctx.pads, ctx.dense)
+        b = layer.factor(source, weight_b, layer.branch_b, ctx.pads, ctx.dense)
         kept = (a, b) if layer.keep_branches else ()
-        ctx.compressed = None
-        if layer.saved_input_bits < 32:
-            kept_x, ctx.compressed = quantize_image(xp, layer.saved_input_bits)
-            xp = None  # the padded copy is not needed past here (a plain rebinding: compiled code cannot delete it)
-            ctx.save_for_backward(*kept_x, weight, weight_a, weight_b, *kept)
-        else:
-            ctx.save_for_backward(x, weight, weight_a, weight_b, *kept)
+        _keep_input(ctx, layer, source, weight, weight_a, weight_b, *kept)
+        source = None  # the padded copy is not needed past here (a plain rebinding: compiled code cannot delete it)
+        if layer.rank == 1:
+            return primary.addcmul_(a, b)
         product = a * b if layer.keep_branches else a.mul_(b)
         return primary.add_(layer.reduce_rank(product))
 
@@ -175,73 +211,61 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
         if ctx.kernel is not None:
             return _backward_cpu_kernel(ctx, grad)
         layer: QuadraticDepthwiseConv2d = ctx.layer
-        primary_call, call_a, call_b = ctx.calls
         if ctx.compressed is not None:
             packed, offset, step, weight, weight_a, weight_b, *kept = ctx.saved_tensors
-            x = dequantize_image(packed, offset, step, ctx.compressed)  # padded already if ctx.padded
-            xp = x if ctx.padded or primary_call.pre_pads is None else F.pad(x, primary_call.pre_pads)
+            source = dequantize_image(packed, offset, step, ctx.compressed)  # padded already if ctx.pads
         else:
-            x, weight, weight_a, weight_b, *kept = ctx.saved_tensors
-            xp = F.pad(x, primary_call.pre_pads) if primary_call.pre_pads is not None else x
-        grad = grad.to(xp.dtype)
+            source, weight, weight_a, weight_b, *kept = ctx.saved_tensors
+        grad = grad.to(source.dtype)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, groups = layer.stride, layer.channels
-        channels_last = is_channels_last(xp)
-        grad = grad.contiguous(memory_format=torch.channels_last) if channels_last else grad
+        memory_format = torch.channels_last if is_channels_last(source) else torch.contiguous_format
+        grad = grad.contiguous(memory_format=memory_format)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-
-        def accumulate(gx: torch.Tensor) -> None:
-            """Add a gradient w.r.t. the padded input into the input's gradient (made on the first call)."""
-            nonlocal grad_x
-            pads = primary_call.pre_pads
-            if pads is not None and min(pads) >= 0:
-                left, right, top, bottom = pads
-                gx = gx[..., top:gx.shape[-2] - bottom, left:gx.shape[-1] - right]
-                if grad_x is None:
-                    grad_x = gx.contiguous(memory_format=torch.channels_last if channels_last else
-                                           torch.contiguous_format)
-                    return
-            elif pads is not None:
-                gx = _unpad(gx, pads)
-            grad_x = gx if grad_x is None else grad_x.add_(gx)
-
+        primary = layer.primary_input(source, ctx.pads)
         if need_x or need_w or need_bias:
-            gx, grad_w, grad_bias = _conv_backward(grad, xp, weight, primary_call, stride, groups, need_x,
-                                                   need_w, [weight.shape[0]], need_bias)
+            gx, grad_w, grad_bias = _conv_backward(grad, primary, weight, stride, groups, need_x, need_w,
+                                                   [weight.shape[0]], need_bias)
             if need_x:
-                accumulate(gx)
+                grad_x = _add_window_gradient(grad_x, gx, primary.origin, ctx.shape, memory_format)
             del gx
         if not (need_x or need_a or need_b):
             return grad_x, grad_w, grad_bias, grad_a, grad_b
         span = conv_span(layer.kernel_size, layer.dilation)
-        dense_call = _BranchCall(primary_call.pre_pads, primary_call.padding, (1, 1))
-        grad_r = layer.expand_rank(grad)
+        grad_r = None if ctx.term_op else layer.expand_rank(grad)  # the term kernel reads grad itself
         # branch a's gradient needs grad * b and branch b's needs grad * a: each product overwrites its recomputed
         # factor (unless the factors were kept), the input gradients accumulate into one tensor
-        for own_weight, branch, other, call, need_own in (
-                (weight_a, layer.branch_a, 1, call_b, need_a), (weight_b, layer.branch_b, 0, call_a, need_b)):
+        branches = ((weight_a, layer.branch_a), (weight_b, layer.branch_b))
+        # where both branches need their factor, the term kernel forms the two in one pass (a * grad, b * grad)
+        both = ctx.term_op and (need_x or (need_a and need_b))
+        factors = list(layer.quadratic_term("a_and_b_times", source, weight_a, weight_b, grad, ctx.pads).unbind(0)
+                       )[::-1] if both else [None, None]
+        for own, other, need_own in ((0, 1, need_a), (1, 0, need_b)):
             if not (need_x or need_own):
                 continue
             if kept:
                 factor_grad = grad_r * kept[other]
+            elif both:
+                factor_grad, factors[own] = factors[own], None
+            elif ctx.term_op:  # grad times the other branch, recomputed in the same kernel
+                factor_grad = layer.quadratic_term(("b_times", "a_times")[own], source, weight_a, weight_b, grad,
+                                                   ctx.pads)
             else:
-                other_weight, other_branch = (weight_a, weight_b)[other], (layer.branch_a, layer.branch_b)[other]
-                if ctx.padded:  # as the forward computed it: dense on the padded input
-                    factor = _dense_branch_conv(xp, other_weight, other_branch, span, stride, groups)
-                else:
-                    factor, _ = _branch_forward(x, other_weight, call, stride, groups)
-                factor_grad = factor.mul_(grad_r)
-            dense = dense_branch_weight(own_weight, branch, span)
-            gx, dense_grad, _ = _conv_backward(factor_grad, xp, dense, dense_call, stride, groups, need_x,
-                                               need_own)
+                factor_grad = layer.factor(source, *branches[other], ctx.pads, ctx.dense).mul_(grad_r)
+            own_weight, own_branch = branches[own]
+            conv_input = layer.branch_input(source, own_branch, ctx.pads, dense=ctx.dense)
+            conv_weight = dense_branch_weight(own_weight, own_branch, span) if ctx.dense else own_weight
+            gx, weight_grad, _ = _conv_backward(factor_grad, conv_input, conv_weight, stride, groups, need_x,
+                                                need_own)
             del factor_grad
-            if need_own:
-                if branch is layer.branch_a:
-                    grad_a = dense_branch_grad(dense_grad, branch, span)
-                else:
-                    grad_b = dense_branch_grad(dense_grad, branch, span)
+            if need_own and ctx.dense:
+                weight_grad = dense_branch_grad(weight_grad, own_branch, span)
+            if own == 0:
+                grad_a = weight_grad
+            else:
+                grad_b = weight_grad
             if need_x:
-                accumulate(gx)
+                grad_x = _add_window_gradient(grad_x, gx, conv_input.origin, ctx.shape, memory_format)
             del gx
         return grad_x, grad_w, grad_bias, grad_a, grad_b
 
@@ -404,6 +428,62 @@ class QuadraticDepthwiseConv2d(nn.Module):
             x = F.pad(x, self.primary_pads(x))
             return F.conv2d(x, weight, bias, self.stride, (0, 0), self.dilation, self.channels)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.channels)
+
+    def primary_input(self, source: torch.Tensor, pads: Pads | None) -> _ConvInput:
+        """What the primary conv reads of ``source``: the input, or its copy already padded by ``pads``."""
+        if pads is not None:
+            return _ConvInput(source, (0, 0), self.dilation, (-pads[2], -pads[0]))
+        call = self.branch_calls(source)[0]
+        if call.pre_pads is None:
+            return _ConvInput(source, call.padding, self.dilation, (0, 0))
+        tensor, origin = pad_or_crop(source, call.pre_pads)
+        return _ConvInput(tensor, (0, 0), self.dilation, origin)
+
+    def branch_input(self, source: torch.Tensor, branch: AtrousKernel, pads: Pads | None,
+                     dense: bool) -> _ConvInput:
+        """What a branch's conv reads of ``source`` (``pads`` as for :meth:`primary_input`): its window centred
+        in the primary's (a view where that only crops), or, ``dense``, the primary's own input for a span-sized
+        dense kernel."""
+        primary = self.primary_input(source, pads)
+        if dense:
+            return _ConvInput(primary.tensor, primary.padding, (1, 1), primary.origin)
+        if pads is not None:
+            span = conv_span(self.kernel_size, self.dilation)
+            view, (top, left) = pad_or_crop(source, branch_pads((0, 0, 0, 0), span, branch.span()))
+            return _ConvInput(view, (0, 0), branch.dilation, (primary.origin[0] + top, primary.origin[1] + left))
+        call = self.branch_calls(source)[1 if branch is self.branch_a else 2]
+        if call.pre_pads is None:
+            return _ConvInput(source, call.padding, branch.dilation, (0, 0))
+        tensor, origin = pad_or_crop(source, call.pre_pads)
+        return _ConvInput(tensor, (0, 0), branch.dilation, origin)
+
+    def atrous_geometry(self) -> cuda_kernels.AtrousGeometry:
+        """The layer as the specialised CUDA kernels are compiled for it."""
+        span = conv_span(self.kernel_size, self.dilation)
+
+        def placed(branch: AtrousKernel) -> tuple[int, int, int, int, int, int]:
+            rows, cols = _tap_positions(branch, span)
+            return (*branch.kernel, *branch.dilation, rows.start, cols.start)  # type: ignore[return-value]
+
+        return cuda_kernels.AtrousGeometry(self.kernel_size, self.dilation, placed(self.branch_a),  # type: ignore[arg-type]
+                                           placed(self.branch_b), self.rank, self.stride)  # type: ignore[arg-type]
+
+    def quadratic_term(self, mode: str, source: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                       given: torch.Tensor, pads: Pads | None) -> torch.Tensor:
+        """``surgeon::quadratic_term`` on the input (``pads`` None) or its padded copy (``pads``: already there)."""
+        geometry = self.atrous_geometry()
+        window = (0, 0, 0, 0) if pads is not None else self.primary_pads(source)
+        return kernel_ops.quadratic_term(mode, source, weight_a, weight_b, given, list(geometry.kernel),
+                                         list(geometry.dilation), list(geometry.branch_a), list(geometry.branch_b),
+                                         self.rank, list(self.stride), list(window))
+
+    def factor(self, source: torch.Tensor, weight: torch.Tensor, branch: AtrousKernel, pads: Pads | None,
+               dense: bool) -> torch.Tensor:
+        """One branch's output as the forward computes it: on the CPU's route (``dense``) an input padded once
+        takes the dense form, on the primary's grid; any other input the dilated conv."""
+        dense = dense and pads is not None
+        weight = dense_branch_weight(weight, branch, conv_span(self.kernel_size, self.dilation)) if dense else weight
+        return self.branch_input(source, branch, pads, dense).conv(weight, self.stride, self.channels)
 
     def reduce_rank(self, product: torch.Tensor) -> torch.Tensor:
         if self.rank == 1:

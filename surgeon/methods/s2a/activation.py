@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from surgeon.ops.activations import FUNCTION_KEYS, ActivationSpec, inplace_forward
-from surgeon.ops.coded_gradient import coded_product, flat_in_order, storage_order
+from surgeon.ops.coded_gradient import flat_in_order, storage_order
 from surgeon.ops.derivative_codebook import ready_codebook
 from surgeon.ops.precision import grad_as
 from surgeon.ops.row_quantizer import as_groups, dequantize_rows, quantize_rows
@@ -60,6 +60,13 @@ def pack_mask(x: torch.Tensor, spec: ActivationSpec, order: tuple[int, ...] | No
 
     low, high = _mask_bounds(spec)
     return kernel_ops.mask_pack(flat_in_order(x.detach(), order or storage_order(x)), low, high)
+
+
+def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: tuple[float, ...],
+                  order: tuple[int, ...]) -> torch.Tensor:
+    from surgeon.ops.kernels import library as kernel_ops
+
+    return kernel_ops.coded_product(grad, packed, bits, list(values), list(order))
 
 
 def pack_codes(x: torch.Tensor, book: Any, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:

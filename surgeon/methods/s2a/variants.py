@@ -145,6 +145,23 @@ class FrozenBatchNorm:
 
 
 # ------------------------------------------------------------------------------------------ layer norm
+_ZERO_MEANS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _zero_means(rstd: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``rstd``: the mean of rows already centred. Made once per row count and device and
+    only ever read, so a backward does not launch a fill for them each step."""
+    if torch.compiler.is_compiling():
+        return torch.zeros_like(rstd)
+    key = (rstd.numel(), str(rstd.device))
+    zeros = _ZERO_MEANS.get(key)
+    if zeros is None:
+        if len(_ZERO_MEANS) >= 64:  # a long run over many batch shapes: keep the cache small
+            _ZERO_MEANS.clear()
+        zeros = _ZERO_MEANS[key] = torch.zeros(rstd.numel(), dtype=torch.float32, device=rstd.device)
+    return zeros
+
+
 class _QuantizedLayerNormFn(torch.autograd.Function):
     """Keeps the input rows at ``bits`` (each row's offset shifted by its mean) and the per-row ``rstd`` that the
     forward computed; backward is ATen's fused layer-norm backward on the dequantized, centred rows. Quantizing
@@ -169,13 +186,13 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
                 args = tuple(t.float() if t is not None else None for t in args)
             y_moved, mean, rstd = torch.native_layer_norm(args[0], [width], args[1], args[2], norm.eps)
             y = y_moved.movedim(-1, channel_dim)
-        quantized = quantize_rows(moved.detach(), bits)  # rows in any strides: no copy of a permuted input
+        # backward needs only x - mean: each row's offset is shifted by its mean instead of keeping the mean
+        # (rows in any strides: no copy of a permuted input)
+        quantized = quantize_rows(moved.detach(), bits, shift=mean.detach())
         ctx.meta = (moved.shape, channel_dim, bits, quantized.rows, quantized.width, x.dtype)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.param_dtype = next((t.dtype for t in (weight, bias) if t is not None), None)
-        # backward needs only x - mean: shift each row's offset by its mean instead of keeping the mean
-        centred_offset = quantized.offset - mean.float().reshape(-1, 1)
-        ctx.save_for_backward(quantized.packed, centred_offset, quantized.step, rstd.float().reshape(-1, 1),
+        ctx.save_for_backward(quantized.packed, quantized.offset, quantized.step, rstd.float().reshape(-1, 1),
                               *(t for t in (weight,) if t is not None))
         return y
 
@@ -191,7 +208,7 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
         # the bias only gives the bias gradient its shape: its values take no part in backward
         bias_like = (weight if weight is not None else g.new_empty(width)) if need_b else None
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            g, centred, [width], rstd.new_zeros(*shape[:-1], 1), rstd.view(*shape[:-1], 1), weight, bias_like,
+            g, centred, [width], _zero_means(rstd).view(*shape[:-1], 1), rstd.view(*shape[:-1], 1), weight, bias_like,
             [ctx.needs_input_grad[0], need_w, need_b])
         del centred
         if grad_x is not None:

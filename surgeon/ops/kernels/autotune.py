@@ -71,12 +71,14 @@ class RouteKey:
     shape: tuple[int, ...]
     dtype: str
     channels_last: bool
+    op: str = "quadratic_atrous"  # which computation: the merged layer's, or a training step's quadratic term
 
     def text(self) -> str:
         def dims(values: tuple[int, ...]) -> str:
             return "x".join(str(v) for v in values)
 
-        return (f"k{dims(self.kernel_size)} d{dims(self.dilation)} span{dims(self.span)} s{dims(self.stride)} "
+        prefix = "" if self.op == "quadratic_atrous" else f"{self.op} "
+        return (f"{prefix}k{dims(self.kernel_size)} d{dims(self.dilation)} span{dims(self.span)} s{dims(self.stride)} "
                 f"p{dims(self.pads)} r{self.rank} in{dims(self.shape)} {self.dtype} "
                 f"{'nhwc' if self.channels_last else 'nchw'}")
 

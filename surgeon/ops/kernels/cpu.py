@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from surgeon.ops.device_route import takes_cpu_route
 from surgeon.ops.package_data import data_dir
 
 SOURCE = "quadratic_dwconv_cpu.cpp"
@@ -41,7 +42,8 @@ def _flags(capability: str) -> list[str]:
 
 
 def enabled() -> bool:
-    return not os.environ.get("SURGEON_DISABLE_CPU_KERNELS")
+    """Off with ``SURGEON_DISABLE_CPU_KERNELS=1`` and inside :func:`surgeon.ops.device_route.cuda_route`."""
+    return not os.environ.get("SURGEON_DISABLE_CPU_KERNELS") and takes_cpu_route(torch.device("cpu"))
 
 
 @contextmanager

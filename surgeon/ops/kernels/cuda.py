@@ -100,6 +100,7 @@ class _Registry:
         self.compile_errors: dict[str, str] = {}
         self.checked: set[tuple[str, str]] = set()  # (kernel, device)
         self.disabled: dict[tuple[str, str], str] = {}  # (kernel, device) -> why
+        self.value_tables: dict[tuple[tuple[float, ...], str], torch.Tensor] = {}  # coded products' factors
 
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -152,7 +153,7 @@ def device_guard(device: torch.device) -> Iterator[int]:
 
 
 def _launch(module_name: str, entry: str, grid: int, device: torch.device,
-            arguments: Callable[[Any], tuple[Any, ...]], templated: bool = False) -> bool:
+            arguments: Callable[[Any], tuple[Any, ...]], templated: bool = False, block: int = BLOCK) -> bool:
     """Launch ``entry`` on ``device``'s current stream; ``arguments(cupy)`` builds the argument tuple inside the
     stream (so DLPack exports synchronise with the right stream). False: not launched (torch route)."""
     function = _function(module_name, entry, templated)
@@ -162,7 +163,7 @@ def _launch(module_name: str, entry: str, grid: int, device: torch.device,
 
     try:
         with device_guard(device) as stream, cupy.cuda.ExternalStream(stream):
-            function((grid,), (BLOCK,), arguments(cupy))
+            function((grid,), (block,), arguments(cupy))
     except Exception as exc:  # an argument CuPy refuses, a launch failure: the torch route, said once
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         REGISTRY.disabled[(entry, str(device))] = cause
@@ -173,9 +174,12 @@ def _launch(module_name: str, entry: str, grid: int, device: torch.device,
 
 
 def _flat(cupy: Any, tensor: torch.Tensor) -> Any:
-    """A flat CuPy view of a tensor's storage in memory order (NHWC for channels-last)."""
+    """A flat CuPy view of a tensor's storage in memory order (NHWC for channels-last; a dense tensor of any
+    dimension order is a view, so a kernel's writes land in it)."""
     tensor = tensor.detach()
-    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.permute(0, 2, 3, 1).reshape(-1)
+    if not tensor.is_contiguous():
+        tensor = tensor.permute(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+    flat = tensor.reshape(-1)
     if flat.element_size() == 2 and flat.is_floating_point():
         # same-size integer view: CuPy 14 takes bf16 through DLPack only with ml_dtypes installed, and the
         # kernel already knows its storage type (pointer arguments carry bytes, not dtypes)
@@ -417,6 +421,53 @@ def rows_range(rows: torch.Tensor, bits: int, nonnegative: bool,
     return low, step
 
 
+ROWS_BLOCK = _source_constant("SURGEON_ROWS_BLOCK", "bitpack.cu")  # rows_quantize's largest block
+MAX_GRID = 1 << 20  # blocks of a block-per-row launch (each block loops over its further rows)
+
+
+def rows_block(width: int) -> int:
+    """Threads per row for rows_quantize: a power of two from a warp to ROWS_BLOCK, about four elements each."""
+    threads = 32
+    while threads < ROWS_BLOCK and threads * 4 < width:
+        threads *= 2
+    return threads
+
+
+def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None,
+                  reference: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...] | None:
+    """``(packed, offset, step)`` of a CUDA matrix in one kernel, a block per row: finite range, then codes
+    (rows must start on a byte: ``width * bits`` a multiple of 8). ``offset`` is ``low - shift`` where a shift is
+    given, empty for ``nonnegative`` rows. Nothing is read back to the host."""
+    import numpy as np
+
+    from surgeon.ops.row_range import inverse_levels
+
+    flat = _pack_input(rows)
+    entry = f"rows_quantize_{_DTYPE_SUFFIX.get(rows.dtype)}"
+    count, width = rows.shape
+    if flat is None or (width * bits) % 8 or not _enabled(entry, rows.device):
+        return None
+    packed = _packed_output(flat, bits)
+    offset = torch.empty((0,) if nonnegative else (count, 1), dtype=torch.float32, device=rows.device)
+    step = torch.empty(count, 1, dtype=torch.float32, device=rows.device)
+    centre = shift.detach().float().contiguous() if shift is not None and not nonnegative else None
+    if not _launch("bitpack.cu", entry, max(1, min(count, MAX_GRID)), rows.device, lambda cupy: (
+            _flat(cupy, flat), np.int64(count), np.int64(width), np.int32(bits), np.float32(inverse_levels(bits)),
+            np.int32(nonnegative), _flat(cupy, centre) if centre is not None else np.uint64(0),
+            _flat(cupy, offset) if not nonnegative else np.uint64(0), _flat(cupy, step), _flat(cupy, packed)),
+            block=rows_block(width)):
+        return None
+    got = (packed, offset, step)
+
+    def joined(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).float() for t in tensors])  # codes are exact in fp32
+
+    if _checked(entry, rows.device, joined(got), lambda: joined(reference()), None) is not None and \
+            _enabled(entry, rows.device):
+        return got
+    return None  # disagreed on its first use: the torch route from now on
+
+
 def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, rows: int, width: int,
                 bits: int, dtype: torch.dtype, reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     """``code * step + offset`` per row, written in ``dtype`` by one kernel."""
@@ -434,6 +485,32 @@ def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.T
             np.int64(width), _flat(cupy, out), np.int64(out.numel()), np.int32(bits))):
         return None
     return _checked(entry, packed.device, out, reference, None)
+
+
+def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: tuple[float, ...],
+                  order: tuple[int, ...], reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """``grad * values[code]`` in one kernel, over the elements in the codes' order (``order``: see
+    :mod:`surgeon.ops.coded_gradient`); the result is stored in that order too."""
+    import numpy as np
+
+    from surgeon.ops.coded_gradient import empty_in_order, flat_in_order
+
+    entry = f"coded_product_{_DTYPE_SUFFIX.get(grad.dtype)}"
+    if grad.dtype not in _DTYPE_SUFFIX or packed.dtype != torch.uint8 or not _enabled(entry, grad.device):
+        return None
+    source = flat_in_order(grad.detach(), order).contiguous()  # a view where grad is stored in that order
+    out = empty_in_order(grad, order, grad.dtype)
+    target = flat_in_order(out, order)  # a view by construction
+    key = (tuple(values), str(grad.device))
+    if key not in REGISTRY.value_tables:  # one small host-to-device copy per code table and device
+        padded = tuple(values) + (0.0,) * ((1 << bits) - len(values))
+        REGISTRY.value_tables[key] = torch.tensor(padded, dtype=torch.float32, device=grad.device)
+    table, codes = REGISTRY.value_tables[key], packed.detach().contiguous()
+    if not _launch("bitpack.cu", entry, _grid(source.numel()), grad.device, lambda cupy: (
+            _flat(cupy, source), _flat(cupy, codes), _flat(cupy, table), _flat(cupy, target),
+            np.int64(source.numel()), np.int32(bits))):
+        return None
+    return _checked(entry, grad.device, out, reference, None)
 
 
 def _grid(threads: int) -> int:
@@ -478,17 +555,91 @@ class AtrousGeometry:
         return f"quadconv_atrous<{', '.join(values)}>"
 
 
+    def term_expression(self, dtype: torch.dtype, channels_last: bool, channels: int, mode: int) -> str:
+        """The instantiation of ``quadratic_term`` (training's quadratic term, :data:`TERM_MODES`)."""
+        return self.name_expression(dtype, channels_last, channels).replace(
+            "quadconv_atrous<", "quadratic_term<", 1).removesuffix(">") + f", {mode}>"
+
+
+# quadratic_term's modes: the quadratic term added to the primary's output, or one branch's factor times a gradient,
+# or both branches' factors (one result of two stacked tensors)
+TERM_MODES = {"add": 0, "a_times": 1, "b_times": 2, "a_and_b_times": 3}
+
+
+def term_output(mode: str, given: torch.Tensor, rank: int, channels_last: bool) -> torch.Tensor:
+    """An empty result of ``quadratic_term``: ``given``'s shape (mode "add"), ``C * rank`` channels (one factor),
+    or two such tensors stacked on a new first dimension, each in ``given``'s memory format."""
+    n, c, h, w = given.shape
+    channels = c if mode == "add" else c * rank
+    count = 2 if mode == "a_and_b_times" else 1
+    if channels_last:
+        out = given.new_empty((count, n, h, w, channels)).permute(0, 1, 4, 2, 3)
+    else:
+        out = given.new_empty((count, n, channels, h, w))
+    return out if count == 2 else out[0]
+
+
+def atrous_applies(x: torch.Tensor, geometry: AtrousGeometry) -> bool:
+    """Whether the specialised kernels take this input and geometry (device apart): a decision the same on every
+    device, so the launches counted on the CPU are those a GPU makes."""
+    return (x.dtype in _DTYPE_SUFFIX and x.dim() == 4 and geometry.supported() and x.numel() < 2**31
+            and x.shape[1] <= ATROUS_MAX_CHANNELS)
+
+
+def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: torch.Tensor,
+                   geometry: AtrousGeometry, pads: tuple[int, int, int, int], reference: Callable[[], torch.Tensor]
+                   ) -> torch.Tensor | None:
+    """A training step's quadratic term in one kernel: ``given + sum_r a_r * b_r`` (``mode`` "add", ``given`` the
+    primary conv's output), or ``a_r * given`` / ``b_r * given`` ("a_times" / "b_times", ``given`` the output
+    gradient, the result of ``C * rank`` channels), or both stacked ("a_and_b_times"). Branch weights in the conv
+    layout (``[C*r, 1, kh, kw]``); x, given and the result share x's memory format. None: the torch route runs
+    instead."""
+    import numpy as np
+
+    if not atrous_applies(x, geometry) or any(t.dtype != x.dtype for t in (wa, wb, given)):
+        return None
+    channels_last = is_channels_last(x)
+    n, c, h, w = x.shape
+    left, _, top, _ = pads
+    ho, wo = output_size((h, w), geometry.span(), geometry.stride, pads)
+    if ho <= 0 or wo <= 0 or tuple(given.shape) != (n, c, ho, wo):
+        return None
+    entry = geometry.term_expression(x.dtype, channels_last, c, TERM_MODES[mode])
+    if not _enabled(entry, x.device):
+        return None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, given = x.contiguous(memory_format=fmt), given.contiguous(memory_format=fmt)
+    wa_k, wb_k = branch_weights(wa.detach(), wb.detach(), c, geometry.rank, channels_last)
+    y = term_output(mode, given, geometry.rank, channels_last)
+    tiles = (wo + ATROUS_OUT_W - 1) // ATROUS_OUT_W
+
+    def arguments(cupy: Any) -> tuple[Any, ...]:
+        return (_flat(cupy, x), _flat(cupy, wa_k), _flat(cupy, wb_k), _flat(cupy, given), _flat(cupy, y),
+                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)))
+
+    if not _launch("quadratic_atrous.cu", entry, _grid(n * c * ho * tiles), x.device, arguments, templated=True):
+        return None
+    return _checked(entry, x.device, y, reference, SELF_CHECK_TOLERANCE[x.dtype])
+
+
 def atrous_weights(w3: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, rank: int, tap_major: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv-layout weights (``[C,1,KH,KW]``, ``[C*r,1,AH,AW]``, ``[C*r,1,BH,BW]``) in the kernel's layout:
     tap-major (``[taps, C]``, ``[r, taps, C]``) for NHWC, channel-major (``[C, taps]``, ``[C, r, taps]``) for
     NCHW."""
-    channels = w3.shape[0]
-    primary = w3.reshape(channels, -1)
+    primary = w3.reshape(w3.shape[0], -1)
+    return (primary.t().contiguous() if tap_major else primary.contiguous(),
+            *branch_weights(wa, wb, w3.shape[0], rank, tap_major))
+
+
+def branch_weights(wa: torch.Tensor, wb: torch.Tensor, channels: int, rank: int, tap_major: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch weights of :func:`atrous_weights` (``[r, taps, C]`` or ``[C, r, taps]``): for NCHW a view of
+    contiguous conv-layout weights, no copy."""
     branches = [w.reshape(channels, rank, -1) for w in (wa, wb)]
     if tap_major:
-        return (primary.t().contiguous(), *(w.permute(1, 2, 0).contiguous() for w in branches))
-    return (primary.contiguous(), *(w.contiguous() for w in branches))
+        return tuple(w.permute(1, 2, 0).contiguous() for w in branches)  # type: ignore[return-value]
+    return tuple(w.contiguous() for w in branches)  # type: ignore[return-value]
 
 
 def conv_weights(w3: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, geometry: AtrousGeometry, channels: int,

@@ -14,10 +14,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from surgeon.ops import bitpack
+from surgeon.ops import bitpack, coded_gradient
 from surgeon.ops.derivative_codebook import grid_cells
 from surgeon.ops.kernels import autotune
 from surgeon.ops.kernels import cuda as cuda_kernels
+from surgeon.ops.padding import pad_or_crop, split_pads
 from surgeon.ops.row_range import finite_row_range
 
 
@@ -144,6 +145,35 @@ def _(rows: torch.Tensor, bits: int, nonnegative: bool) -> tuple[torch.Tensor, t
     return (rows.new_empty((count, 1), dtype=torch.float32), rows.new_empty((count, 1), dtype=torch.float32))
 
 
+@torch.library.custom_op("surgeon::rows_quantize", mutates_args=())
+def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows_range`` and ``rows_pack`` in one op, one kernel on the GPU: ``(packed, offset, step)``, where
+    ``offset`` is each row's low end minus ``shift`` (``[rows, 1]``; None: 0) and empty for ``nonnegative`` rows.
+    Rows must start on a byte (``width * bits`` a multiple of 8; :func:`surgeon.ops.row_quantizer.quantize_rows`
+    takes the two ops otherwise)."""
+
+    def torch_route() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low, step = rows_range(rows, bits, nonnegative)
+        packed = rows_pack(rows, None if nonnegative else low, step, bits)
+        if nonnegative:
+            return packed, low.new_zeros(0), step
+        return packed, low if shift is None else low - shift.reshape(-1, 1).float(), step
+
+    quantized = None
+    if cuda_kernels.usable(rows) and rows.dim() == 2:
+        quantized = cuda_kernels.rows_quantize(rows, bits, nonnegative, shift, torch_route)
+    return quantized if quantized is not None else torch_route()  # type: ignore[return-value]
+
+
+@rows_quantize.register_fake
+def _(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    count = rows.numel() // max(rows.shape[-1], 1) if rows.dim() else 1
+    offset = rows.new_empty((0,) if nonnegative else (count, 1), dtype=torch.float32)
+    return _packed_like(rows, bits), offset, rows.new_empty((count, 1), dtype=torch.float32)
+
+
 @torch.library.custom_op("surgeon::rows_unpack", mutates_args=())
 def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, rows: int, width: int,
                 bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -167,6 +197,27 @@ def _(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, row
     return packed.new_empty((rows, width), dtype=dtype)
 
 
+# ------------------------------------------------------------------------------------------ coded gradients
+@torch.library.custom_op("surgeon::coded_product", mutates_args=())
+def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: list[float],
+                  order: list[int]) -> torch.Tensor:
+    """``grad * values[code]``: a coded activation's input gradient from its packed codes (stored in dim order
+    ``order`` of ``grad``'s shape), one kernel on the GPU instead of a cast, a table gather and a multiply."""
+
+    def torch_route() -> torch.Tensor:
+        return coded_gradient.coded_product(grad, packed, bits, tuple(values), tuple(order))
+
+    product = None
+    if cuda_kernels.usable(grad):
+        product = cuda_kernels.coded_product(grad, packed, bits, tuple(values), tuple(order), torch_route)
+    return product if product is not None else torch_route()
+
+
+@coded_product.register_fake
+def _(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: list[float], order: list[int]) -> torch.Tensor:
+    return coded_gradient.empty_in_order(grad, tuple(order), grad.dtype)
+
+
 # ------------------------------------------------------------------------------------------ quadratic conv
 @torch.library.custom_op("surgeon::quadratic_dwconv", mutates_args=())
 def quadratic_dwconv(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor,
@@ -187,13 +238,13 @@ def quadratic_dwconv(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
 
 
 def _tuned(x: torch.Tensor, geometry: tuple, fused_route: Callable[[], torch.Tensor | None],
-           torch_route: Callable[[], torch.Tensor]) -> torch.Tensor:
+           torch_route: Callable[[], torch.Tensor], op: str = "quadratic_atrous") -> torch.Tensor:
     """The route autotuning keeps for this geometry and input (the torch route off CUDA, and whenever the fused
     kernel cannot run). ``geometry``: kernel size, dilation, span, stride, pads, rank of the tuning key."""
     fused = None
     if cuda_kernels.usable(x):
         key = autotune.RouteKey(*geometry, tuple(x.shape), str(x.dtype).removeprefix("torch."),
-                                cuda_kernels.is_channels_last(x))
+                                cuda_kernels.is_channels_last(x), op)
         if autotune.TUNER.route(key, x.device, fused_route, torch_route) == "fused":
             fused = fused_route()
     return fused if fused is not None else torch_route()
@@ -250,24 +301,90 @@ def atrous_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
     input padded for its own window inside the span."""
     channels = x.shape[1]
     w3c, wac, wbc = cuda_kernels.conv_weights(w3, wa, wb, geometry, channels, tap_major)
-    span = geometry.span()
-    left, right, top, bottom = pads
 
-    def conv(weight: torch.Tensor, taps: tuple[int, int], dil: tuple[int, int], at: tuple[int, int],
-             bias: torch.Tensor | None) -> torch.Tensor:
-        reach = cuda_kernels.conv_span(taps, dil)
-        own = (left - at[1], right - (span[1] - reach[1] - at[1]), top - at[0], bottom - (span[0] - reach[0] - at[0]))
-        return F.conv2d(F.pad(x, own), weight.to(x.dtype), bias, tuple(geometry.stride), 0, dil, channels)
-
-    a_rows, a_cols, a_dh, a_dw, a_top, a_left = geometry.branch_a
-    b_rows, b_cols, b_dh, b_dw, b_top, b_left = geometry.branch_b
-    primary = conv(w3c, geometry.kernel, geometry.dilation, (0, 0), b3)
-    a = conv(wac, (a_rows, a_cols), (a_dh, a_dw), (a_top, a_left), None)
-    b = conv(wbc, (b_rows, b_cols), (b_dh, b_dw), (b_top, b_left), None)
+    primary = window_conv(x, w3c.to(x.dtype), b3, geometry.kernel, geometry.dilation, (0, 0), geometry, pads)
+    a = branch_conv(x, wac, geometry.branch_a, geometry, pads)
+    b = branch_conv(x, wbc, geometry.branch_b, geometry, pads)
     if geometry.rank == 1:
         return primary.addcmul_(a, b)
     n, _, h, w = a.shape
     return primary.add_((a * b).view(n, channels, geometry.rank, h, w).sum(dim=2))
+
+
+def window_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: tuple[int, ...],
+                dilation: tuple[int, ...], at: tuple[int, int], geometry: cuda_kernels.AtrousGeometry,
+                pads: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """A depthwise conv whose window sits at ``at`` (top, left) inside the span of a layer padded by ``pads``:
+    the conv's own padding where that is symmetric, else the input padded or (a view) cropped first."""
+    span, reach = geometry.span(), cuda_kernels.conv_span(taps, dilation)
+    left, right, top, bottom = pads
+    own = (left - at[1], right - (span[1] - reach[1] - at[1]), top - at[0], bottom - (span[0] - reach[0] - at[0]))
+    pre_pads, padding = split_pads(own)
+    if pre_pads is not None:
+        x = pad_or_crop(x, pre_pads)[0]
+    return F.conv2d(x, weight.to(x.dtype), bias, tuple(geometry.stride), padding, tuple(dilation), x.shape[1])
+
+
+def branch_conv(x: torch.Tensor, weight: torch.Tensor, branch: tuple[int, ...], geometry: cuda_kernels.AtrousGeometry,
+                pads: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """One branch (rows, cols, dilation h, dilation w, top, left) of a quadratic layer, conv layout weights."""
+    rows, cols, dil_h, dil_w, top, left = branch
+    return window_conv(x, weight, None, (rows, cols), (dil_h, dil_w), (top, left), geometry, pads)
+
+
+# ------------------------------------------------------------------------------------------ training's quadratic term
+@torch.library.custom_op("surgeon::quadratic_term", mutates_args=())
+def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: torch.Tensor,
+                   kernel: list[int], dilation: list[int], branch_a: list[int], branch_b: list[int], rank: int,
+                   stride: list[int], pads: list[int]) -> torch.Tensor:
+    """A training step's quadratic term (``branch_*`` and ``pads`` as for ``quadratic_atrous``; weights in the conv
+    layout): ``given + sum_r conv_a(x)_r * conv_b(x)_r`` for ``mode`` "add" (``given``: the primary conv's output),
+    or ``conv_a(x) * given`` / ``conv_b(x) * given`` for "a_times" / "b_times" (``given``: the output gradient,
+    repeated over the rank), the factors that branch b's and branch a's gradients need, or both of them stacked on
+    a new first dimension for "a_and_b_times". One kernel on the GPU instead of two convs and a product (or a conv
+    and a product); autotuned against the torch route."""
+    if mode not in cuda_kernels.TERM_MODES:
+        raise ValueError(f"unknown quadratic term mode {mode!r}")
+    geometry = cuda_kernels.AtrousGeometry(tuple(kernel), tuple(dilation), tuple(branch_a), tuple(branch_b),  # type: ignore[arg-type]
+                                           rank, tuple(stride))  # type: ignore[arg-type]
+
+    def torch_route() -> torch.Tensor:
+        return quadratic_term_reference(mode, x, wa, wb, given, geometry, pads)
+
+    def fused_route() -> torch.Tensor | None:
+        return cuda_kernels.quadratic_term(mode, x, wa, wb, given, geometry, tuple(pads), torch_route)  # type: ignore[arg-type]
+
+    return _tuned(x, (tuple(kernel), tuple(dilation), (*branch_a, *branch_b), tuple(stride), tuple(pads), rank),
+                  fused_route, torch_route, op=f"quadratic_term_{mode}")
+
+
+@quadratic_term.register_fake
+def _(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: torch.Tensor, kernel: list[int],
+      dilation: list[int], branch_a: list[int], branch_b: list[int], rank: int, stride: list[int],
+      pads: list[int]) -> torch.Tensor:
+    return cuda_kernels.term_output(mode, given, rank, cuda_kernels.is_channels_last(x))
+
+
+def quadratic_term_reference(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: torch.Tensor,
+                             geometry: cuda_kernels.AtrousGeometry, pads: list[int]) -> torch.Tensor:
+    """The torch route of ``quadratic_term``: dilated convs, then the product."""
+    n, c, h, w = given.shape
+    rank = geometry.rank
+    if mode == "add":
+        a = branch_conv(x, wa, geometry.branch_a, geometry, pads)
+        b = branch_conv(x, wb, geometry.branch_b, geometry, pads)
+        if rank == 1:
+            return torch.addcmul(given, a, b)
+        return given + (a * b).view(n, c, rank, h, w).sum(dim=2)
+    if rank > 1:
+        given = given.unsqueeze(2).expand(n, c, rank, h, w).reshape(n, c * rank, h, w)
+    if mode == "a_and_b_times":
+        both = cuda_kernels.term_output(mode, given, 1, cuda_kernels.is_channels_last(x))
+        for index, (weight, branch) in enumerate(((wa, geometry.branch_a), (wb, geometry.branch_b))):
+            torch.mul(branch_conv(x, weight, branch, geometry, pads), given, out=both[index])
+        return both
+    weight, branch = (wa, geometry.branch_a) if mode == "a_times" else (wb, geometry.branch_b)
+    return branch_conv(x, weight, branch, geometry, pads).mul_(given)
 
 
 def dense_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
