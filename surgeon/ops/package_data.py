@@ -1,7 +1,9 @@
 """Where the package's data folders (``recipes``, ``kernels``) are.
 
-Installed, they are the subpackages ``surgeon.recipes`` / ``surgeon.kernels``; in a source checkout
-imported without installing (``python -m`` from the repository root), they are the top-level folders.
+Installed, they are the folders ``surgeon/recipes`` and ``surgeon/kernels``; in a source checkout imported without
+installing (``python -m`` from the repository root) or installed in editable mode, the top-level folders.
+``kernels/`` has no ``__init__.py``: with the repository root on ``sys.path`` a regular package there would shadow
+the ``kernels`` distribution that transformers imports, while a folder without one yields to it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 
 def data_dir(name: str) -> Traversable:
-    try:
-        return resources.files(f"surgeon.{name}")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / name
+    """The data folder ``name``: inside the installed package where it is there, else the checkout's own."""
+    installed = resources.files("surgeon").joinpath(name)
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[2] / name

@@ -1,1 +1,0 @@
-"""CUDA kernel sources (data), shipped inside the package as surgeon.kernels."""
