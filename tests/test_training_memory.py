@@ -191,3 +191,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = {retain: int(subprocess.run([sys.executable, "-c", script.format(retain=retain)], capture_output=True,
                                          text=True, check=True).stdout.split()[-1]) for retain in (False, True)}
     assert faults[True] * 10 < faults[False], faults
+
+
+def test_quadratic_conv_cuda_route_backward_holds_at_most_four_full_size_tensors(gpu):
+    """The route a CUDA device takes, through the term kernel: the dequantized input, both branch factors (formed
+    in one pass), one gradient w.r.t. the input, beside the accumulated input gradient."""
+    from surgeon.ops.device_route import cuda_route
+
+    for layer, params in _quadratic_layers():
+        if not layer.atrous_geometry().supported():
+            continue
+        gpu.launches.clear()
+        with cuda_route():
+            layer(_image()).sum().backward()  # each kernel's first-use self-check runs its torch route once
+            _check(layer, [_image()], params, extra_temporaries=4.05)
+        assert any(launch.name.startswith("quadratic_term<") for launch in gpu.launches)
