@@ -51,12 +51,9 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False,
     )
 
     # the range and the codes are both decided on the device: nothing here reads a value back to the host
-    if (width * bits) % 8 == 0:  # rows start on a byte: range and codes in one op (one kernel on the GPU)
-        packed, offset, step = kernel_ops.rows_quantize(matrix.detach(), bits, nonnegative, shift)
-        return QuantizedRows(packed, offset, step, rows, width, bits)
-    low, step = kernel_ops.rows_range(matrix.detach(), bits, nonnegative)
-    packed = kernel_ops.rows_pack(matrix.detach(), None if nonnegative else low, step, bits)
-    offset = low.new_zeros(0) if nonnegative else low if shift is None else low - shift.reshape(-1, 1).float()
+    # rows that start on a byte: range and codes in one op (one kernel on the GPU); others in two
+    quantize = kernel_ops.rows_quantize if (width * bits) % 8 == 0 else kernel_ops.rows_quantize_in_two
+    packed, offset, step = quantize(matrix.detach(), bits, nonnegative, shift)
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from surgeon.methods.quadratic.layer import AtrousKernel, QuadraticDepthwiseConv2d, conv_span
 from surgeon.ops.padding import Pair, branch_pads, same_pads, static_pads
+from surgeon.ops.rank_groups import add_products_
 
 
 class QuadraticParts(nn.Module):
@@ -213,10 +214,7 @@ class QuadraConvDW(nn.Module):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.channels)
 
     def _combine(self, primary: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.rank == 1:
-            return primary.addcmul_(a, b)
-        n, _, h, w = a.shape
-        return primary.add_((a * b).view(n, self.channels, self.rank, h, w).sum(dim=2))
+        return add_products_(primary, a, b, self.rank)
 
     def _branch(self, x: torch.Tensor, weight: torch.Tensor, pads: tuple[int, int, int, int],
                 dilation: Pair) -> torch.Tensor:

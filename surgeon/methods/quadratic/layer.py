@@ -28,6 +28,7 @@ from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.padding import Pads, Pair, branch_pads, pad_or_crop, same_pads, split_pads, static_pads
 from surgeon.ops.precision import autocast_off, cast, compute_dtype, grad_as
+from surgeon.ops.rank_groups import repeat_over_rank, sum_over_rank
 from surgeon.ops.row_quantizer import dequantize_image, quantize_image
 
 
@@ -93,6 +94,15 @@ class _ConvInput:
     dilation: Pair
     origin: Pair
 
+    @classmethod
+    def of_call(cls, source: torch.Tensor, call: _BranchCall) -> _ConvInput:
+        """What a conv of ``call`` reads of the unpadded input: the input with the conv's own symmetric padding,
+        or the input padded (or, a view, cropped) first."""
+        if call.pre_pads is None:
+            return cls(source, call.padding, call.dilation, (0, 0))
+        tensor, origin = pad_or_crop(source, call.pre_pads)
+        return cls(tensor, (0, 0), call.dilation, origin)
+
     def conv(self, weight: torch.Tensor, stride: Pair, groups: int) -> torch.Tensor:
         return F.conv2d(self.tensor, weight, None, stride, self.padding, self.dilation, groups)
 
@@ -148,7 +158,8 @@ class _QuadraticDepthwiseFn(torch.autograd.Function):
     """Forward: the primary conv plus the product of two dilated branch convs, products formed in place.
 
     Backward recomputes the branches from the (dequantized) input, and forms each branch gradient in the
-    recomputed branch's own buffer, freed before the next, so at most four full-size tensors are alive. On CUDA
+    recomputed branch's own buffer, freed before the next, so at most four full-size tensors are alive (five where
+    the term kernel forms both branch factors in one pass). On CUDA
     every branch conv is cuDNN's dilated conv, on the input or a cropped view of its padded copy. The CPU's own
     route runs the branch gradients as *dense* depthwise convs on the primary's grid (taps embedded in a
     span-sized kernel): PyTorch's CPU backward for dilated depthwise convs falls back to an im2col route that
@@ -433,11 +444,7 @@ class QuadraticDepthwiseConv2d(nn.Module):
         """What the primary conv reads of ``source``: the input, or its copy already padded by ``pads``."""
         if pads is not None:
             return _ConvInput(source, (0, 0), self.dilation, (-pads[2], -pads[0]))
-        call = self.branch_calls(source)[0]
-        if call.pre_pads is None:
-            return _ConvInput(source, call.padding, self.dilation, (0, 0))
-        tensor, origin = pad_or_crop(source, call.pre_pads)
-        return _ConvInput(tensor, (0, 0), self.dilation, origin)
+        return _ConvInput.of_call(source, self.branch_calls(source)[0])
 
     def branch_input(self, source: torch.Tensor, branch: AtrousKernel, pads: Pads | None,
                      dense: bool) -> _ConvInput:
@@ -451,11 +458,7 @@ class QuadraticDepthwiseConv2d(nn.Module):
             span = conv_span(self.kernel_size, self.dilation)
             view, (top, left) = pad_or_crop(source, branch_pads((0, 0, 0, 0), span, branch.span()))
             return _ConvInput(view, (0, 0), branch.dilation, (primary.origin[0] + top, primary.origin[1] + left))
-        call = self.branch_calls(source)[1 if branch is self.branch_a else 2]
-        if call.pre_pads is None:
-            return _ConvInput(source, call.padding, branch.dilation, (0, 0))
-        tensor, origin = pad_or_crop(source, call.pre_pads)
-        return _ConvInput(tensor, (0, 0), branch.dilation, origin)
+        return _ConvInput.of_call(source, self.branch_calls(source)[1 if branch is self.branch_a else 2])
 
     def atrous_geometry(self) -> cuda_kernels.AtrousGeometry:
         """The layer as the specialised CUDA kernels are compiled for it."""
@@ -486,16 +489,10 @@ class QuadraticDepthwiseConv2d(nn.Module):
         return self.branch_input(source, branch, pads, dense).conv(weight, self.stride, self.channels)
 
     def reduce_rank(self, product: torch.Tensor) -> torch.Tensor:
-        if self.rank == 1:
-            return product
-        n, _, h, w = product.shape
-        return product.view(n, self.channels, self.rank, h, w).sum(dim=2)
+        return sum_over_rank(product, self.rank)
 
     def expand_rank(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.rank == 1:
-            return grad
-        n, c, h, w = grad.shape
-        return grad.unsqueeze(2).expand(n, c, self.rank, h, w).reshape(n, c * self.rank, h, w)
+        return repeat_over_rank(grad, self.rank)
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

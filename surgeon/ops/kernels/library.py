@@ -19,6 +19,7 @@ from surgeon.ops.derivative_codebook import grid_cells
 from surgeon.ops.kernels import autotune
 from surgeon.ops.kernels import cuda as cuda_kernels
 from surgeon.ops.padding import pad_or_crop, split_pads
+from surgeon.ops.rank_groups import add_products_, repeat_over_rank, sum_over_rank
 from surgeon.ops.row_range import finite_row_range
 
 
@@ -154,16 +155,23 @@ def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch
     takes the two ops otherwise)."""
 
     def torch_route() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        low, step = rows_range(rows, bits, nonnegative)
-        packed = rows_pack(rows, None if nonnegative else low, step, bits)
-        if nonnegative:
-            return packed, low.new_zeros(0), step
-        return packed, low if shift is None else low - shift.reshape(-1, 1).float(), step
+        return rows_quantize_in_two(rows, bits, nonnegative, shift)
 
     quantized = None
     if cuda_kernels.usable(rows) and rows.dim() == 2:
         quantized = cuda_kernels.rows_quantize(rows, bits, nonnegative, shift, torch_route)
     return quantized if quantized is not None else torch_route()  # type: ignore[return-value]
+
+
+def rows_quantize_in_two(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows_quantize`` as the ``rows_range`` and ``rows_pack`` ops: its torch route, and the route for rows that
+    do not start on a byte."""
+    low, step = rows_range(rows, bits, nonnegative)
+    packed = rows_pack(rows, None if nonnegative else low, step, bits)
+    if nonnegative:
+        return packed, low.new_zeros(0), step
+    return packed, low if shift is None else low - shift.reshape(-1, 1).float(), step
 
 
 @rows_quantize.register_fake
@@ -305,10 +313,7 @@ def atrous_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None,
     primary = window_conv(x, w3c.to(x.dtype), b3, geometry.kernel, geometry.dilation, (0, 0), geometry, pads)
     a = branch_conv(x, wac, geometry.branch_a, geometry, pads)
     b = branch_conv(x, wbc, geometry.branch_b, geometry, pads)
-    if geometry.rank == 1:
-        return primary.addcmul_(a, b)
-    n, _, h, w = a.shape
-    return primary.add_((a * b).view(n, channels, geometry.rank, h, w).sum(dim=2))
+    return add_products_(primary, a, b, geometry.rank)
 
 
 def window_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: tuple[int, ...],
@@ -368,16 +373,12 @@ def _(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: tor
 def quadratic_term_reference(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, given: torch.Tensor,
                              geometry: cuda_kernels.AtrousGeometry, pads: list[int]) -> torch.Tensor:
     """The torch route of ``quadratic_term``: dilated convs, then the product."""
-    n, c, h, w = given.shape
     rank = geometry.rank
-    if mode == "add":
+    if mode == "add":  # out of place: an op does not write its inputs
         a = branch_conv(x, wa, geometry.branch_a, geometry, pads)
         b = branch_conv(x, wb, geometry.branch_b, geometry, pads)
-        if rank == 1:
-            return torch.addcmul(given, a, b)
-        return given + (a * b).view(n, c, rank, h, w).sum(dim=2)
-    if rank > 1:
-        given = given.unsqueeze(2).expand(n, c, rank, h, w).reshape(n, c * rank, h, w)
+        return torch.addcmul(given, a, b) if rank == 1 else given + sum_over_rank(a * b, rank)
+    given = repeat_over_rank(given, rank)
     if mode == "a_and_b_times":
         both = cuda_kernels.term_output(mode, given, 1, cuda_kernels.is_channels_last(x))
         for index, (weight, branch) in enumerate(((wa, geometry.branch_a), (wb, geometry.branch_b))):
@@ -395,8 +396,4 @@ def dense_quadratic(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, 
     primary = F.conv2d(padded, w3, b3, tuple(stride), 0, tuple(dilation), channels)
     a = F.conv2d(padded, w1, None, tuple(stride), 0, 1, channels)
     b = F.conv2d(padded, w2, None, tuple(stride), 0, 1, channels)
-    product = a * b
-    if rank > 1:
-        n, _, h, w = product.shape
-        product = product.view(n, channels, rank, h, w).sum(dim=2)
-    return primary + product
+    return primary + sum_over_rank(a * b, rank)
