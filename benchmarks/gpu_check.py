@@ -239,7 +239,8 @@ def _training_kernels(dtype: torch.dtype, counter: LaunchCounter, device: str = 
                       images: tuple[int, int, int, int] = (64, 96, 28, 28), rows_count: int = 4096
                       ) -> dict[str, bool]:
     """A training step's own kernels (counted by ``counter``): the one-pass row quantizer, the coded-gradient
-    product, and a converted layer's quadratic term forward and backward against the float64 reference."""
+    product, a layer norm's backward from its codes, and a converted layer's quadratic term forward and backward
+    against the float64 reference."""
     from surgeon.methods.quadratic.layer import QuadraticDepthwiseConv2d
     from surgeon.methods.s2a.activation import pack_codes
     from surgeon.ops import coded_gradient
@@ -263,6 +264,7 @@ def _training_kernels(dtype: torch.dtype, counter: LaunchCounter, device: str = 
         "rows_quantize + rows_unpack": bool(((back.float() - rows.float()).abs()
                                               <= q.step * 0.51 + 1e-2 * rows.float().abs()).all()),
         "coded_product": torch.equal(product, want_product),
+        "layer_norm_backward": _layer_norm_backward_agrees(rows, dtype, counter),
     }
     worst = 0.0
     for rank in (1, 2):
@@ -285,6 +287,25 @@ def _training_kernels(dtype: torch.dtype, counter: LaunchCounter, device: str = 
             worst = max(worst, ((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1)).item())
     checks["quadratic_term"] = worst <= 4 * TOLERANCE[dtype]
     return checks
+
+
+def _layer_norm_backward_agrees(rows: torch.Tensor, dtype: torch.dtype, counter: LaunchCounter) -> bool:
+    """A layer norm's input gradient from the 8-bit codes of its centred rows (fp32 gradient, as under autocast)
+    against ATen's backward on the same dequantized rows in float64."""
+    from surgeon.ops.kernels import library as kernel_ops
+    from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+
+    width = rows.shape[1]
+    _, mean, rstd = torch.native_layer_norm(rows.float(), [width], None, None, 1e-6)
+    q = quantize_rows(rows, 8, shift=mean)
+    grad, weight = torch.randn_like(rows, dtype=torch.float32), torch.randn(width, device=rows.device)
+    with counter:
+        got = kernel_ops.layer_norm_backward(grad, *q.tensors(), rstd.reshape(-1, 1), weight, 8, dtype)
+    centred = dequantize_rows(*q.tensors(), q.rows, q.width, 8, torch.float32).double()
+    want, _, _ = torch.ops.aten.native_layer_norm_backward(
+        grad.double(), centred, [width], torch.zeros_like(rstd).double(), rstd.double(), weight.double(), None,
+        [True, False, False])
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item() <= TOLERANCE[dtype]
 
 
 def speed(section: Section, quick: bool) -> None:

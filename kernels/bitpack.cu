@@ -109,9 +109,6 @@ extern "C" __global__ void rows_range_finish(const float* partial, long long row
     }
 }
 
-// the largest block rows_quantize takes (a power of two)
-#define SURGEON_ROWS_BLOCK 256
-
 template <typename T>
 __device__ __forceinline__ void rows_quantize(const T* x, long long rows, long long width, int bits,
                                               float inv_levels, int nonnegative, const float* shift,

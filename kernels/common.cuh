@@ -57,6 +57,9 @@ __device__ __forceinline__ void store_f(surgeon_bfloat16* p, long long i, float 
 #define SURGEON_FLT_MIN 1.175494351e-38f
 #define SURGEON_INFINITY bits_float(0x7F800000u)
 
+// the largest block of a block-per-row kernel (a power of two): rows_quantize, layer_norm_backward
+#define SURGEON_ROWS_BLOCK 256
+
 #define SURGEON_GRID_STRIDE_LOOP(index, total)                                                        \
     for (long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x; index < (total);          \
          index += (long long)blockDim.x * gridDim.x)

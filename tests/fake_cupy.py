@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-SOURCES = ("bitpack.cu", "quadratic_dwconv.cu")  # extern "C" entries
+SOURCES = ("bitpack.cu", "quadratic_dwconv.cu", "layer_norm.cu")  # extern "C" entries
 TEMPLATE_SOURCES = ("quadratic_atrous.cu",)  # instantiated per name expression
 # kernels whose block threads wait for each other (__syncthreads): run as fibers; any other kernel that reaches a
 # barrier aborts its launch
-COOPERATIVE_KERNELS = ("rows_quantize_",)
+COOPERATIVE_KERNELS = ("rows_quantize_", "layer_norm_backward_")
 POINTEE_DTYPES = {"float": torch.float32, "surgeon_half": torch.float16, "surgeon_bfloat16": torch.bfloat16,
                   "unsigned char": torch.uint8}
 SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}

@@ -148,6 +148,73 @@ def fake_cupy_suffix(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
+@pytest.mark.parametrize("grad_dtype,dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("bits,width", [(8, 96), (4, 75)])
+def test_the_layer_norm_backward_kernel_matches_the_torch_route(gpu, grad_dtype, dtype, scaled, bits, width,
+                                                                monkeypatch):
+    """A layer norm's input gradient from the codes of its centred rows, read in the gradient's dtype and written in
+    the input's (autocast: fp32 gradient, bf16 input), with and without a scale; 4-bit rows of odd width share
+    bytes with their neighbours."""
+    torch.manual_seed(0)
+    x = torch.randn(37, width) * 3 + 1
+    _, mean, rstd = torch.native_layer_norm(x, [width], None, None, 1e-6)
+    q = quantize_rows(x, bits, shift=mean)
+    grad = torch.randn(37, width).to(grad_dtype)
+    weight = torch.randn(width) if scaled else None
+    args = (grad, q.packed, q.offset, q.step, rstd.reshape(-1, 1), weight, bits, dtype)
+    gpu.launches.clear()
+    got = kernel_ops.layer_norm_backward(*args)  # its first-use self-check runs the torch route's unpack too
+    launched = [launch for launch in gpu.launches if launch.name.startswith("layer_norm")]
+    assert [launch.name for launch in launched] == [
+        f"layer_norm_backward_{fake_cupy_suffix(grad_dtype)}_to_{fake_cupy_suffix(dtype)}"]
+    assert launched[0].block == (cuda_kernels.rows_block(width),)
+    assert not cuda_kernels.REGISTRY.disabled and got.dtype == dtype and got.shape == (37, width)
+    monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
+    want = kernel_ops.layer_norm_backward(*args)
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= TOLERANCE[dtype] * scale
+
+
+def _layer_norm_gradients(norm: nn.Module, inputs: torch.Tensor, grad: torch.Tensor):
+    leaf = inputs.detach().clone().requires_grad_(True)
+    norm.bias.grad = None
+    norm(leaf).backward(grad)
+    return leaf.grad, norm.bias.grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_quantized_layer_norm_trains_through_the_kernel(gpu, channels_last, monkeypatch):
+    """timm's LayerNorm2d over channels (NCHW rows are strided: the gradient is gathered first) and a LayerNorm over
+    the last dim, frozen scale, trained bias: one kernel for the input gradient, the gradients of the torch route."""
+    import timm
+
+    from surgeon.methods.s2a.variants import QuantizedLayerNorm
+    from surgeon.methods.variant import make_variant
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 7, 9)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    cases = ((timm.layers.LayerNorm2d(48), 1, x), (nn.LayerNorm(48), -1, x.permute(0, 2, 3, 1)))
+    for norm, dim, inputs in cases:
+        with torch.no_grad():
+            norm.weight.normal_()
+        norm.weight.requires_grad_(False)
+        variant = make_variant(norm, QuantizedLayerNorm)
+        variant._surgeon_channel_dim = dim
+        grad = torch.randn_like(inputs)
+        gpu.launches.clear()
+        got = _layer_norm_gradients(variant, inputs, grad)
+        assert [launch.name for launch in gpu.launches if launch.name.startswith("layer_norm")] == [
+            "layer_norm_backward_f32_to_f32"]
+        with monkeypatch.context() as patched:
+            patched.setattr(cuda_kernels, "usable", lambda tensor: False)
+            want = _layer_norm_gradients(variant, inputs, grad)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("kernel,stride,padding,dilation,rank,same,size", SWEEP)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_specialised_atrous_kernel_matches_the_dense_route(gpu, kernel, stride, padding, dilation, rank, same,
@@ -376,7 +443,11 @@ def test_fused_ops_are_real_torch_library_ops():
              (kernel_ops.rows_quantize, (rows, 8, False, torch.randn(6, 1))),
              (kernel_ops.rows_unpack, (q.packed, q.offset, q.step, 6, 20, 4, torch.bfloat16)),
              (kernel_ops.rows_unpack, (q.packed, None, q.step, 6, 20, 4, torch.float32)),
-             (kernel_ops.coded_product, (x, pack_codes(x, book, 4), 4, list(book.value_floats), [0, 1, 2, 3]))]
+             (kernel_ops.coded_product, (x, pack_codes(x, book, 4), 4, list(book.value_floats), [0, 1, 2, 3])),
+             (kernel_ops.layer_norm_backward, (torch.randn(6, 20), *q.tensors(), torch.rand(6, 1) + 0.5,
+                                               torch.randn(20), 4, torch.bfloat16)),
+             (kernel_ops.layer_norm_backward, (torch.randn(6, 20), *q.tensors(), torch.rand(6, 1) + 0.5, None, 4,
+                                               torch.float32))]
     trained = training_layer(5, 2, 2, 1, 2, False, channels=5)
     geometry = trained.atrous_geometry()
     given = trained.primary_conv(x, trained.weight, trained.bias).detach()
@@ -439,14 +510,17 @@ def test_the_gpu_check_isolates_sections_and_writes_every_number(tmp_path, capsy
 def test_the_gpu_checks_training_kernel_rows_run_against_the_fake(gpu):
     """The GPU check's rows for a training step's kernels, at a small size on the fake: each kernel runs (not a
     fallback) and each row holds."""
-    from benchmarks.gpu_check import LaunchCounter, _training_kernels
+    from benchmarks.gpu_check import LaunchCounter, _layer_norm_backward_agrees, _training_kernels
 
     counter = LaunchCounter()
     with cuda_route():
         checks = _training_kernels(torch.float32, counter, device="cpu", images=(1, 8, 12, 11), rows_count=8)
-    assert set(checks) == {"rows_quantize + rows_unpack", "coded_product", "quadratic_term"}
-    assert all(checks.values()), checks
-    for kind in ("rows_quantize", "rows_unpack", "coded_product", "quadratic_term"):
+        # a 16-bit input under autocast: the gradient stays fp32, the kernel writes bf16
+        autocast_row = _layer_norm_backward_agrees(torch.randn(8, 196).to(torch.bfloat16), torch.bfloat16, counter)
+    assert set(checks) == {"rows_quantize + rows_unpack", "coded_product", "layer_norm_backward", "quadratic_term"}
+    assert all(checks.values()) and autocast_row, checks
+    for kind in ("rows_quantize", "rows_unpack", "coded_product", "layer_norm_backward_f32_to_f32",
+                 "layer_norm_backward_f32_to_bf16", "quadratic_term"):
         assert any(entry.startswith(kind) for entry in counter.counts), (kind, counter.counts)
 
 

@@ -119,8 +119,9 @@ def test_nvrtc_compiles_what_the_loader_loads(source):
 
     assert len(compile_with("sm_90", nvrtc.getCUBIN)) > 1000
     ptx = compile_with("compute_80", nvrtc.getPTX)
-    entries = ["quadconv_fwd_f32_nhwc", "quadconv_fwd_bf16_nchw"] if "quadratic" in source else \
-        ["pack_codes", "codebook_pack_f16", "rows_pack_bf16", "mask_pack_f32"]
+    entries = {"quadratic_dwconv.cu": ["quadconv_fwd_f32_nhwc", "quadconv_fwd_bf16_nchw"],
+               "bitpack.cu": ["pack_codes", "codebook_pack_f16", "rows_pack_bf16", "mask_pack_f32"],
+               "layer_norm.cu": ["layer_norm_backward_f32_to_bf16", "layer_norm_backward_f16_to_f16"]}[source]
     text = ptx.decode() if isinstance(ptx, bytes) else ptx
     for entry in entries:
         assert f".entry {entry}" in text

@@ -206,3 +206,20 @@ def test_quadratic_conv_cuda_route_backward_holds_at_most_four_full_size_tensors
             layer(_image()).sum().backward()  # each kernel's first-use self-check runs its torch route once
             _check(layer, [_image()], params, extra_temporaries=4.05)
         assert any(launch.name.startswith("quadratic_term<") for launch in gpu.launches)
+
+
+def test_quantized_layer_norm_on_the_cuda_route_allocates_only_its_gradient(gpu):
+    """Through the backward kernel, which reads the codes and the output gradient in place: no dequantized rows.
+    (timm's LayerNorm2d on an NCHW input would gather its strided gradient rows first: one more.)"""
+    from surgeon.ops.device_route import cuda_route
+
+    for norm, dim, x in ((nn.LayerNorm(IMAGE[1]), -1, torch.randn(4, 192 * 192, IMAGE[1])),
+                         (timm.layers.LayerNorm2d(IMAGE[1]), 1, _image().detach())):
+        norm.requires_grad_(False)
+        variant = make_variant(norm, QuantizedLayerNorm)
+        variant._surgeon_channel_dim = dim
+        gpu.launches.clear()
+        with cuda_route():
+            variant(x.clone().requires_grad_(True)).sum().backward()  # the first-use self-check runs the torch route
+            _check(variant, [x.requires_grad_(True)], extra_temporaries=0.0)
+        assert any(launch.name.startswith("layer_norm_backward") for launch in gpu.launches)

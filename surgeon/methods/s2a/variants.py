@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.padding import same_pads
 from surgeon.ops.precision import grad_as
 from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
@@ -164,7 +165,9 @@ def _zero_means(rstd: torch.Tensor) -> torch.Tensor:
 
 class _QuantizedLayerNormFn(torch.autograd.Function):
     """Keeps the input rows at ``bits`` (each row's offset shifted by its mean) and the per-row ``rstd`` that the
-    forward computed; backward is ATen's fused layer-norm backward on the dequantized, centred rows. Quantizing
+    forward computed. Backward forms the input gradient straight from the codes (``surgeon::layer_norm_backward``,
+    one kernel on a GPU) unless the norm's scale trains; then ATen's fused layer-norm backward runs on the
+    dequantized, centred rows, as the scale's gradient needs them whole. Quantizing
     ``x`` or the normalised rows is the same precision (one is an affine map of the other, row by row), and
     keeping ``x`` lets the forward be one ``native_layer_norm``: the module's output plus the statistics backward
     needs, with no second normalisation pass and no chain of small ops."""
@@ -200,13 +203,22 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         shape, channel_dim, bits, rows, width, dtype = ctx.meta
         packed, centred_offset, step, rstd, *rest = ctx.saved_tensors
-        centred = dequantize_rows(packed, centred_offset, step, rows, width, bits, torch.float32).view(shape)
-        g = grad.movedim(channel_dim, -1).float()
-        weight = rest[0].float() if ctx.has_weight else None
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if not need_w:  # the input gradient straight from the codes (one kernel on a GPU); the bias's: a sum of grad
+            g_rows = grad.movedim(channel_dim, -1).reshape(rows, width)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = kernel_ops.layer_norm_backward(g_rows, packed, centred_offset, step, rstd,
+                                                        rest[0] if ctx.has_weight else None, bits, dtype)
+                grad_x = grad_x.view(shape).movedim(-1, channel_dim)
+            grad_b = g_rows.sum(0, dtype=torch.float32) if need_b else None
+            return grad_x, None, grad_as(grad_b, ctx.param_dtype), None, None, None
+        centred = dequantize_rows(packed, centred_offset, step, rows, width, bits, torch.float32).view(shape)
+        g = grad.movedim(channel_dim, -1).float()
+        weight = rest[0].float()
         # the bias only gives the bias gradient its shape: its values take no part in backward
-        bias_like = (weight if weight is not None else g.new_empty(width)) if need_b else None
+        bias_like = weight if need_b else None
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
             g, centred, [width], _zero_means(rstd).view(*shape[:-1], 1), rstd.view(*shape[:-1], 1), weight, bias_like,
             [ctx.needs_input_grad[0], need_w, need_b])

@@ -33,7 +33,7 @@ from surgeon.ops.derivative_codebook import inverse_step
 from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.package_data import data_dir
 
-KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu")  # extern "C" entries
+KERNEL_FILES = ("quadratic_dwconv.cu", "bitpack.cu", "layer_norm.cu")  # extern "C" entries
 TEMPLATE_KERNEL_FILES = ("quadratic_atrous.cu",)  # instantiated per layer geometry (NVRTC name expressions)
 MAX_SPAN = 31
 BLOCK = 256
@@ -421,12 +421,13 @@ def rows_range(rows: torch.Tensor, bits: int, nonnegative: bool,
     return low, step
 
 
-ROWS_BLOCK = _source_constant("SURGEON_ROWS_BLOCK", "bitpack.cu")  # rows_quantize's largest block
+ROWS_BLOCK = _source_constant("SURGEON_ROWS_BLOCK", "common.cuh")  # a block-per-row kernel's largest block
 MAX_GRID = 1 << 20  # blocks of a block-per-row launch (each block loops over its further rows)
 
 
 def rows_block(width: int) -> int:
-    """Threads per row for rows_quantize: a power of two from a warp to ROWS_BLOCK, about four elements each."""
+    """Threads per row of a block-per-row kernel (rows_quantize, layer_norm_backward): a power of two from a warp
+    to ROWS_BLOCK, about four elements each."""
     threads = 32
     while threads < ROWS_BLOCK and threads * 4 < width:
         threads *= 2
@@ -485,6 +486,33 @@ def rows_unpack(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.T
             np.int64(width), _flat(cupy, out), np.int64(out.numel()), np.int32(bits))):
         return None
     return _checked(entry, packed.device, out, reference, None)
+
+
+def layer_norm_backward(grad: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor,
+                        rstd: torch.Tensor, weight: torch.Tensor | None, bits: int, dtype: torch.dtype,
+                        reference: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """A layer norm's input gradient (``[rows, width]`` of ``dtype``) from the codes of its centred input rows
+    (``offset``, ``step``, ``rstd``: ``[rows, 1]``), in one kernel, a block per row."""
+    import numpy as np
+
+    if grad.dtype not in _DTYPE_SUFFIX or dtype not in _DTYPE_SUFFIX or grad.dim() != 2 or \
+            packed.dtype != torch.uint8:
+        return None
+    entry = f"layer_norm_backward_{_DTYPE_SUFFIX[grad.dtype]}_to_{_DTYPE_SUFFIX[dtype]}"
+    if not _enabled(entry, grad.device):
+        return None
+    rows, width = grad.shape
+    source = grad.detach().contiguous()
+    out = torch.empty((rows, width), dtype=dtype, device=grad.device)
+    per_row = tuple(t.detach().float().contiguous() for t in (offset, step, rstd))
+    scale = weight.detach().float().contiguous() if weight is not None else None
+    codes = packed.detach().contiguous()
+    if not _launch("layer_norm.cu", entry, max(1, min(rows, MAX_GRID)), grad.device, lambda cupy: (
+            _flat(cupy, source), _flat(cupy, codes), *(_flat(cupy, t) for t in per_row),
+            _flat(cupy, scale) if scale is not None else np.uint64(0), _flat(cupy, out), np.int64(rows),
+            np.int64(width), np.int32(bits)), block=rows_block(width)):
+        return None
+    return _checked(entry, grad.device, out, reference, SELF_CHECK_TOLERANCE[dtype])
 
 
 def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: tuple[float, ...],

@@ -205,6 +205,37 @@ def _(packed: torch.Tensor, offset: torch.Tensor | None, step: torch.Tensor, row
     return packed.new_empty((rows, width), dtype=dtype)
 
 
+# ------------------------------------------------------------------------------------------ layer norm from codes
+@torch.library.custom_op("surgeon::layer_norm_backward", mutates_args=())
+def layer_norm_backward(grad: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor,
+                        rstd: torch.Tensor, weight: torch.Tensor | None, bits: int, dtype: torch.dtype
+                        ) -> torch.Tensor:
+    """The input gradient of a layer norm over the last dim of ``grad`` (``[rows, width]``) whose input rows were
+    kept as codes centred on their mean (``rows_quantize`` with the mean as shift: ``packed``, ``offset``,
+    ``step``) beside each row's ``rstd`` (``[rows, 1]``); ``weight``: the norm's scale, or None. Written in
+    ``dtype`` (the norm's input dtype, which under autocast is not its gradient's). One kernel on the GPU instead of
+    an unpack to fp32, casts of the gradient and ATen's backward."""
+
+    def torch_route() -> torch.Tensor:
+        rows, width = grad.shape
+        centred = rows_unpack(packed, offset, step, rows, width, bits, torch.float32)
+        grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
+            grad.float(), centred, [width], torch.zeros_like(rstd), rstd, weight.float() if weight is not None
+            else None, None, [True, False, False])
+        return grad_x.to(dtype)
+
+    grad_x = None
+    if cuda_kernels.usable(grad) and grad.dim() == 2:
+        grad_x = cuda_kernels.layer_norm_backward(grad, packed, offset, step, rstd, weight, bits, dtype, torch_route)
+    return grad_x if grad_x is not None else torch_route()
+
+
+@layer_norm_backward.register_fake
+def _(grad: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, rstd: torch.Tensor,
+      weight: torch.Tensor | None, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
 # ------------------------------------------------------------------------------------------ coded gradients
 @torch.library.custom_op("surgeon::coded_product", mutates_args=())
 def coded_product(grad: torch.Tensor, packed: torch.Tensor, bits: int, values: list[float],
