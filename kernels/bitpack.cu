@@ -109,57 +109,72 @@ extern "C" __global__ void rows_range_finish(const float* partial, long long row
     }
 }
 
+// the most rows a rows_quantize block packs together (width * bits odd: 8 rows end on a byte)
+#define SURGEON_ROWS_GROUP 8
+
 template <typename T>
-__device__ __forceinline__ void rows_quantize(const T* x, long long rows, long long width, int bits,
+__device__ __forceinline__ void rows_quantize(const T* x, long long rows, long long width, int bits, int group,
                                               float inv_levels, int nonnegative, const float* shift,
                                               float* offset_out, float* step_out, unsigned char* out) {
-    // range and codes of whole rows in one kernel, a block per row (blockDim.x a power of two): the block reduces
-    // the row's finite ends in shared memory, then packs the row, which starts on a byte (the caller checks that
-    // width * bits is a multiple of 8). Same floats as rows_range_partial + rows_range_finish + rows_pack; the
-    // offset kept is low - shift[row] where a shift is given (a layer norm keeps rows centred on their mean).
+    // range and codes of whole rows in one kernel, a block per `group` consecutive rows (blockDim.x a power of two):
+    // the block reduces each row's finite ends in shared memory, then packs the group's codes. `group` is the
+    // fewest rows whose codes end on a byte (group * width * bits a multiple of 8), so no byte holds codes of two
+    // blocks, whatever the width. Same floats as rows_range_partial + rows_range_finish + rows_pack; the offset
+    // kept is low - shift[row] where a shift is given (a layer norm keeps rows centred on their mean).
     __shared__ float high_s[SURGEON_ROWS_BLOCK], low_s[SURGEON_ROWS_BLOCK];
+    __shared__ float group_low[SURGEON_ROWS_GROUP], group_step[SURGEON_ROWS_GROUP];
     const int t = threadIdx.x;
     const int per_byte = 8 / bits;
     const float levels = (float)((1 << bits) - 1);
-    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-        const T* values = x + row * width;
-        float high = -SURGEON_INFINITY, low = SURGEON_INFINITY;
-        for (long long i = t; i < width; i += blockDim.x) {
-            const float v = load_f(values, i);
-            if (fabsf(v) <= SURGEON_FLT_MAX) {
-                high = fmaxf(high, v);
-                low = fminf(low, v);
+    for (long long first = (long long)blockIdx.x * group; first < rows; first += (long long)gridDim.x * group) {
+        const int count = (int)(rows - first < group ? rows - first : group);
+        for (int r = 0; r < count; ++r) {
+            const T* values = x + (first + r) * width;
+            float high = -SURGEON_INFINITY, low = SURGEON_INFINITY;
+            for (long long i = t; i < width; i += blockDim.x) {
+                const float v = load_f(values, i);
+                if (fabsf(v) <= SURGEON_FLT_MAX) {
+                    high = fmaxf(high, v);
+                    low = fminf(low, v);
+                }
             }
-        }
-        high_s[t] = high;
-        low_s[t] = low;
-        __syncthreads();
-        for (int half = blockDim.x / 2; half > 0; half /= 2) {
-            if (t < half) {
-                high_s[t] = fmaxf(high_s[t], high_s[t + half]);
-                low_s[t] = fminf(low_s[t], low_s[t + half]);
-            }
+            high_s[t] = high;
+            low_s[t] = low;
             __syncthreads();
+            for (int half = blockDim.x / 2; half > 0; half /= 2) {
+                if (t < half) {
+                    high_s[t] = fmaxf(high_s[t], high_s[t + half]);
+                    low_s[t] = fminf(low_s[t], low_s[t + half]);
+                }
+                __syncthreads();
+            }
+            high = high_s[0];
+            low = low_s[0];
+            __syncthreads();  // every thread has read the ends before the next row overwrites them
+            if (t == 0) {
+                if (high < low) high = low = 0.0f;
+                if (nonnegative) low = 0.0f;
+                const float step = fmaxf(__fmul_rn(high - low, inv_levels), SURGEON_FLT_MIN);
+                group_low[r] = low;
+                group_step[r] = step;
+                step_out[first + r] = step;
+                if (!nonnegative) offset_out[first + r] = shift ? low - shift[first + r] : low;
+            }
         }
-        high = high_s[0];
-        low = low_s[0];
-        __syncthreads();  // every thread has read the ends before the next row overwrites them
-        if (high < low) high = low = 0.0f;
-        if (nonnegative) low = 0.0f;
-        const float step = fmaxf(__fmul_rn(high - low, inv_levels), SURGEON_FLT_MIN);
-        if (t == 0) {
-            step_out[row] = step;
-            if (!nonnegative) offset_out[row] = shift ? low - shift[row] : low;
-        }
-        unsigned char* row_out = out + row * width / per_byte;
-        for (long long j = t; j < width / per_byte; j += blockDim.x) {
+        __syncthreads();  // the group's ends are in shared memory
+        const long long begin = first * width, end = (first + count) * width;  // begin * bits: a multiple of 8
+        for (long long j = begin / per_byte + t; j < (end + per_byte - 1) / per_byte; j += blockDim.x) {
             unsigned int packed = 0;
             for (int k = 0; k < per_byte; ++k) {
-                const float q = fminf(fmaxf(rintf((load_f(values, j * per_byte + k) - low) / step), 0.0f), levels);
+                const long long i = j * per_byte + k;
+                if (i >= end) break;
+                const int r = (int)(i / width - first);
+                const float q = fminf(fmaxf(rintf((load_f(x, i) - group_low[r]) / group_step[r]), 0.0f), levels);
                 packed |= (unsigned int)q << (k * bits);
             }
-            row_out[j] = (unsigned char)packed;
+            out[j] = (unsigned char)packed;
         }
+        __syncthreads();  // every thread has packed before the next group overwrites the ends
     }
 }
 
@@ -213,9 +228,10 @@ __device__ __forceinline__ void coded_product(const T* grad, const unsigned char
         coded_product<T>(grad, packed, values, out, n, bits);                                                \
     }                                                                                                        \
     extern "C" __global__ void rows_quantize_##SUFFIX(const T* x, long long rows, long long width, int bits,   \
-                                                      float inv_levels, int nonnegative, const float* shift,   \
-                                                      float* offset_out, float* step_out, unsigned char* out) { \
-        rows_quantize<T>(x, rows, width, bits, inv_levels, nonnegative, shift, offset_out, step_out, out);  \
+                                                      int group, float inv_levels, int nonnegative,            \
+                                                      const float* shift, float* offset_out, float* step_out,  \
+                                                      unsigned char* out) {                                    \
+        rows_quantize<T>(x, rows, width, bits, group, inv_levels, nonnegative, shift, offset_out, step_out, out); \
     }                                                                                                        \
     extern "C" __global__ void rows_unpack_##SUFFIX(const unsigned char* packed, const float* low,            \
                                                     const float* step, long long width, T* out, long long n, \

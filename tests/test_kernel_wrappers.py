@@ -110,11 +110,36 @@ def test_pack_wrappers_match_the_torch_packers(gpu, dtype, monkeypatch):
     assert {launch.name for launch in gpu.launches} == {
         *(f"{kind}_{suffix}" for kind in ("mask_pack", "codebook_pack", "rows_quantize", "rows_pack",
                                          "rows_range_partial", "rows_unpack")), "rows_range_finish"}
-    assert [launch.block for launch in gpu.launches if launch.name.startswith("rows_quantize")] == [(64,)] * 3
+    # the 125-wide 4-bit rows share bytes: packed two rows a block, in a block of 32 threads (about 4 values each)
+    assert [(launch.grid, launch.block) for launch in gpu.launches if launch.name.startswith("rows_quantize")] == [
+        ((13,), (64,))] * 3 + [((3,), (32,))]
     assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
     monkeypatch.setattr(cuda_kernels, "usable", lambda tensor: False)
     for a, b in zip(got, results(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_rows_that_share_bytes_are_quantized_in_one_kernel(gpu, bits, monkeypatch):
+    """Any width in one launch: a block packs the fewest rows that end on a byte (up to 8 rows of odd width at 1
+    bit), and the codes, offsets and steps equal the two-op torch route bit for bit, a partial last group too."""
+    torch.manual_seed(0)
+    for width in (7, 125, 150):
+        rows = torch.randn(13, width) * 3
+        rows[4, 2] = float("nan")
+        shift = torch.randn(13, 1)
+        gpu.launches.clear()
+        got = kernel_ops.rows_quantize(rows, bits, False, shift)
+        group = cuda_kernels.rows_group(width, bits)
+        assert (group * width * bits) % 8 == 0 and all((fewer * width * bits) % 8 for fewer in range(1, group))
+        assert [launch.grid for launch in gpu.launches if launch.name.startswith("rows_quantize")] == [
+            (-(-13 // group),)]
+        assert not cuda_kernels.REGISTRY.disabled
+        with monkeypatch.context() as patched:
+            patched.setattr(cuda_kernels, "usable", lambda tensor: False)
+            want = kernel_ops.rows_quantize(rows, bits, False, shift)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -517,7 +542,8 @@ def test_the_gpu_checks_training_kernel_rows_run_against_the_fake(gpu):
         checks = _training_kernels(torch.float32, counter, device="cpu", images=(1, 8, 12, 11), rows_count=8)
         # a 16-bit input under autocast: the gradient stays fp32, the kernel writes bf16
         autocast_row = _layer_norm_backward_agrees(torch.randn(8, 196).to(torch.bfloat16), torch.bfloat16, counter)
-    assert set(checks) == {"rows_quantize + rows_unpack", "coded_product", "layer_norm_backward", "quadratic_term"}
+    assert set(checks) == {"rows_quantize + rows_unpack 8-bit", "coded_product", "layer_norm_backward",
+                           "quadratic_term"}
     assert all(checks.values()) and autocast_row, checks
     for kind in ("rows_quantize", "rows_unpack", "coded_product", "layer_norm_backward_f32_to_f32",
                  "layer_norm_backward_f32_to_bf16", "quadratic_term"):

@@ -50,10 +50,9 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False,
         library as kernel_ops,  # imported here: kernel_ops (through cuda_kernels) imports this module
     )
 
-    # the range and the codes are both decided on the device: nothing here reads a value back to the host
-    # rows that start on a byte: range and codes in one op (one kernel on the GPU); others in two
-    quantize = kernel_ops.rows_quantize if (width * bits) % 8 == 0 else kernel_ops.rows_quantize_in_two
-    packed, offset, step = quantize(matrix.detach(), bits, nonnegative, shift)
+    # range and codes in one op (one kernel on the GPU), both decided on the device: nothing here reads a value
+    # back to the host
+    packed, offset, step = kernel_ops.rows_quantize(matrix.detach(), bits, nonnegative, shift)
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 

@@ -18,6 +18,7 @@ Compiled functions and weights cast to the input's dtype are cached here, codebo
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -423,6 +424,13 @@ def rows_range(rows: torch.Tensor, bits: int, nonnegative: bool,
 
 ROWS_BLOCK = _source_constant("SURGEON_ROWS_BLOCK", "common.cuh")  # a block-per-row kernel's largest block
 MAX_GRID = 1 << 20  # blocks of a block-per-row launch (each block loops over its further rows)
+ROWS_GROUP = _source_constant("SURGEON_ROWS_GROUP", "bitpack.cu")  # the most rows one rows_quantize block packs
+
+
+def rows_group(width: int, bits: int) -> int:
+    """The fewest consecutive rows whose codes end on a byte: rows_quantize packs them in one block, so no byte
+    holds codes of two blocks (1 where a row fills whole bytes; 2, 4 or 8 for rows that share bytes)."""
+    return 8 // math.gcd(width * bits, 8)
 
 
 def rows_block(width: int) -> int:
@@ -436,9 +444,9 @@ def rows_block(width: int) -> int:
 
 def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None,
                   reference: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...] | None:
-    """``(packed, offset, step)`` of a CUDA matrix in one kernel, a block per row: finite range, then codes
-    (rows must start on a byte: ``width * bits`` a multiple of 8). ``offset`` is ``low - shift`` where a shift is
-    given, empty for ``nonnegative`` rows. Nothing is read back to the host."""
+    """``(packed, offset, step)`` of a CUDA matrix in one kernel, a block per :func:`rows_group` rows: finite
+    range, then codes. ``offset`` is ``low - shift`` where a shift is given, empty for ``nonnegative`` rows.
+    Nothing is read back to the host."""
     import numpy as np
 
     from surgeon.ops.row_range import inverse_levels
@@ -446,14 +454,16 @@ def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch
     flat = _pack_input(rows)
     entry = f"rows_quantize_{_DTYPE_SUFFIX.get(rows.dtype)}"
     count, width = rows.shape
-    if flat is None or (width * bits) % 8 or not _enabled(entry, rows.device):
+    group = rows_group(width, bits)
+    if flat is None or group > ROWS_GROUP or not _enabled(entry, rows.device):
         return None
     packed = _packed_output(flat, bits)
     offset = torch.empty((0,) if nonnegative else (count, 1), dtype=torch.float32, device=rows.device)
     step = torch.empty(count, 1, dtype=torch.float32, device=rows.device)
     centre = shift.detach().float().contiguous() if shift is not None and not nonnegative else None
-    if not _launch("bitpack.cu", entry, max(1, min(count, MAX_GRID)), rows.device, lambda cupy: (
-            _flat(cupy, flat), np.int64(count), np.int64(width), np.int32(bits), np.float32(inverse_levels(bits)),
+    if not _launch("bitpack.cu", entry, max(1, min(-(-count // group), MAX_GRID)), rows.device, lambda cupy: (
+            _flat(cupy, flat), np.int64(count), np.int64(width), np.int32(bits), np.int32(group),
+            np.float32(inverse_levels(bits)),
             np.int32(nonnegative), _flat(cupy, centre) if centre is not None else np.uint64(0),
             _flat(cupy, offset) if not nonnegative else np.uint64(0), _flat(cupy, step), _flat(cupy, packed)),
             block=rows_block(width)):

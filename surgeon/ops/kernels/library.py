@@ -151,8 +151,7 @@ def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows_range`` and ``rows_pack`` in one op, one kernel on the GPU: ``(packed, offset, step)``, where
     ``offset`` is each row's low end minus ``shift`` (``[rows, 1]``; None: 0) and empty for ``nonnegative`` rows.
-    Rows must start on a byte (``width * bits`` a multiple of 8; :func:`surgeon.ops.row_quantizer.quantize_rows`
-    takes the two ops otherwise)."""
+    Rows of any width (rows that share bytes are packed a few at a time by one block)."""
 
     def torch_route() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return rows_quantize_in_two(rows, bits, nonnegative, shift)
@@ -165,8 +164,7 @@ def rows_quantize(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch
 
 def rows_quantize_in_two(rows: torch.Tensor, bits: int, nonnegative: bool, shift: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``rows_quantize`` as the ``rows_range`` and ``rows_pack`` ops: its torch route, and the route for rows that
-    do not start on a byte."""
+    """``rows_quantize`` as the ``rows_range`` and ``rows_pack`` ops: its torch route."""
     low, step = rows_range(rows, bits, nonnegative)
     packed = rows_pack(rows, None if nonnegative else low, step, bits)
     if nonnegative:
