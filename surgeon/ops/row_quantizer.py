@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surgeon.ops.device_route import takes_cpu_route
 from surgeon.ops.memory_format import is_channels_last
 
 
@@ -43,8 +44,9 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False,
     width = matrix.shape[-1]
     rows = matrix.numel() // max(width, 1)
     if matrix.dim() != 2:
-        flat = _as_matrix(matrix)
-        if flat is not None or matrix.is_cuda:  # the CUDA kernels read a matrix: copy only there
+        flat = as_matrix(matrix)
+        # the CUDA kernels read a matrix: copy only there (and where the CPU takes the CUDA route, to count it)
+        if flat is not None or not takes_cpu_route(matrix.device):
             matrix = flat if flat is not None else matrix.reshape(rows, width)
     from surgeon.ops.kernels import (
         library as kernel_ops,  # imported here: kernel_ops (through cuda_kernels) imports this module
@@ -56,7 +58,7 @@ def quantize_rows(matrix: torch.Tensor, bits: int, nonnegative: bool = False,
     return QuantizedRows(packed, offset, step, rows, width, bits)
 
 
-def _as_matrix(t: torch.Tensor) -> torch.Tensor | None:
+def as_matrix(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as a ``[rows, last dim]`` view, or None where that needs a copy."""
     try:
         return t.view(-1, t.shape[-1])

@@ -51,8 +51,13 @@ class _QuantizedAttentionFn(torch.autograd.Function):
     @staticmethod
     def _forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  dropout_p: float, scale: float, bits: int, input_bits: int) -> torch.Tensor:
-        root = math.sqrt(scale)  # scale both factors, as torch's math route does: q @ k.T alone can overflow fp16
-        scores = (q * root) @ (k * root).transpose(-2, -1)
+        # scale both factors, as torch's math route does: q @ k.T alone can overflow fp16. Heads are permuted views
+        # (of one qkv projection): the scaled factors and v are written contiguous once, so neither the matmuls
+        # (bmm takes one batch stride) nor the row quantizer (whose CUDA kernel reads a matrix) copy them again
+        root = math.sqrt(scale)
+        q, k = (torch.mul(t, root, out=t.new_empty(t.shape)) for t in (q, k))  # q * sqrt(scale), k * sqrt(scale)
+        v = v.contiguous()
+        scores = q @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
@@ -71,7 +76,7 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         quantized = quantize_rows(probs, bits, nonnegative=True)
         ctx.rows, ctx.width = quantized.rows, quantized.width
         ctx.input_bits, ctx.input_shapes, ctx.input_dtype = input_bits, (q.shape, k.shape, v.shape), q.dtype
-        if input_bits < 32:  # q, k, v kept per row (one token of one head) at input_bits
+        if input_bits < 32:  # scaled q, k and v kept per row (one token of one head) at input_bits
             kept = [t for x in (q, k, v) for t in quantize_rows(x.detach(), input_bits).tensors()]
         else:
             kept = [q, k, v]
@@ -102,6 +107,7 @@ class _QuantizedAttentionFn(torch.autograd.Function):
             keep = bitpack.unpack(rest[0], 1, probs.numel()).view(ctx.probs_shape).to(grad.dtype)
             keep = keep / (1 - ctx.dropout_p)
             dropped = probs * keep
+        grad = grad.contiguous()  # read by two matmuls: one copy of a permuted gradient, not one per matmul
         grad_v = dropped.transpose(-2, -1) @ grad
         del dropped
         grad_probs = grad @ v.transpose(-2, -1)
@@ -111,7 +117,8 @@ class _QuantizedAttentionFn(torch.autograd.Function):
         # softmax backward in the N x N buffer it starts from: the row dot product as a batched matmul (no
         # product matrix), then subtract, multiply and scale in place; two N x N tensors alive, not five
         row_dot = (grad_probs.unsqueeze(-2) @ probs.unsqueeze(-1)).squeeze(-1)
-        grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(ctx.scale)
+        # q and k were kept times sqrt(scale): d(scores)/dq = sqrt(scale) * k_kept, likewise for k
+        grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(math.sqrt(ctx.scale))
         del probs
         grad_q = grad_scores @ k
         grad_k = grad_scores.transpose(-2, -1) @ q

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from surgeon.ops.precision import grad_as
-from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+from surgeon.ops.row_quantizer import as_matrix, dequantize_rows, quantize_rows
 
 
 def _row_major(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -24,6 +24,17 @@ def _row_major(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if t.dim() >= 2 and t.stride(-1) != 1 and t.stride(-2) == 1:
         return t.transpose(-2, -1), True
     return t, False
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy (in ``t``'s orientation) where its rows are no matrix view (heads permuted out
+    of one projection): made once, the copy serves both the product, which would copy such an operand itself, and
+    the row quantizer, whose CUDA kernel reads a matrix."""
+    rows, transposed = _row_major(t)
+    if as_matrix(rows) is not None:
+        return t
+    rows = rows.contiguous()
+    return rows.transpose(-2, -1) if transposed else rows
 
 
 def _keep(t: torch.Tensor, bits: int, nonnegative: bool) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
@@ -42,8 +53,9 @@ class _QuantizedMatmulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, a_bits: int, b_bits: int, a_nonnegative: bool,
                 b_nonnegative: bool) -> torch.Tensor:
-        out = a @ b
         need_a, need_b = ctx.needs_input_grad[:2]
+        a, b = _readable(a) if need_b else a, _readable(b) if need_a else b  # the operands kept for backward
+        out = a @ b
         ctx.layouts = []
         kept: list[torch.Tensor] = []
         # a's gradient needs b and b's gradient needs a: keep only what a requested gradient needs
