@@ -23,7 +23,7 @@ from torch import nn
 from surgeon.ops.kernels import library as kernel_ops
 from surgeon.ops.padding import same_pads
 from surgeon.ops.precision import grad_as
-from surgeon.ops.row_quantizer import dequantize_rows, quantize_rows
+from surgeon.ops.row_quantizer import quantize_rows
 
 
 def _needs_backward(x: torch.Tensor) -> bool:
@@ -146,23 +146,6 @@ class FrozenBatchNorm:
 
 
 # ------------------------------------------------------------------------------------------ layer norm
-_ZERO_MEANS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _zero_means(rstd: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like ``rstd``: the mean of rows already centred. Made once per row count and device and
-    only ever read, so a backward does not launch a fill for them each step."""
-    if torch.compiler.is_compiling():
-        return torch.zeros_like(rstd)
-    key = (rstd.numel(), str(rstd.device))
-    zeros = _ZERO_MEANS.get(key)
-    if zeros is None:
-        if len(_ZERO_MEANS) >= 64:  # a long run over many batch shapes: keep the cache small
-            _ZERO_MEANS.clear()
-        zeros = _ZERO_MEANS[key] = torch.zeros(rstd.numel(), dtype=torch.float32, device=rstd.device)
-    return zeros
-
-
 class _QuantizedLayerNormFn(torch.autograd.Function):
     """Keeps the input rows at ``bits`` (each row's offset shifted by its mean) and the per-row ``rstd`` that the
     forward computed. Backward forms the input gradient straight from the codes (``surgeon::layer_norm_backward``,
@@ -205,26 +188,20 @@ class _QuantizedLayerNormFn(torch.autograd.Function):
         packed, centred_offset, step, rstd, *rest = ctx.saved_tensors
         need_w = ctx.has_weight and ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if not need_w:  # the input gradient straight from the codes (one kernel on a GPU); the bias's: a sum of grad
-            g_rows = grad.movedim(channel_dim, -1).reshape(rows, width)
-            grad_x = None
+        g_rows = grad.movedim(channel_dim, -1).reshape(rows, width)
+        weight = rest[0] if ctx.has_weight else None
+        if need_w:  # the scale's gradient needs the rows whole: ATen's backward on the dequantized rows
+            grad_x, grad_w, grad_b = kernel_ops.layer_norm_backward_on_rows(
+                g_rows, packed, centred_offset, step, rstd, weight, bits, [ctx.needs_input_grad[0], True, need_b])
+            if grad_x is not None:
+                grad_x = grad_x.to(dtype)
+        else:  # the input gradient straight from the codes (one kernel on a GPU); the bias's: a sum of grad
+            grad_w, grad_x = None, None
             if ctx.needs_input_grad[0]:
-                grad_x = kernel_ops.layer_norm_backward(g_rows, packed, centred_offset, step, rstd,
-                                                        rest[0] if ctx.has_weight else None, bits, dtype)
-                grad_x = grad_x.view(shape).movedim(-1, channel_dim)
+                grad_x = kernel_ops.layer_norm_backward(g_rows, packed, centred_offset, step, rstd, weight, bits, dtype)
             grad_b = g_rows.sum(0, dtype=torch.float32) if need_b else None
-            return grad_x, None, grad_as(grad_b, ctx.param_dtype), None, None, None
-        centred = dequantize_rows(packed, centred_offset, step, rows, width, bits, torch.float32).view(shape)
-        g = grad.movedim(channel_dim, -1).float()
-        weight = rest[0].float()
-        # the bias only gives the bias gradient its shape: its values take no part in backward
-        bias_like = weight if need_b else None
-        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            g, centred, [width], _zero_means(rstd).view(*shape[:-1], 1), rstd.view(*shape[:-1], 1), weight, bias_like,
-            [ctx.needs_input_grad[0], need_w, need_b])
-        del centred
         if grad_x is not None:
-            grad_x = grad_x.movedim(-1, channel_dim).to(dtype)
+            grad_x = grad_x.view(shape).movedim(-1, channel_dim)
         return grad_x, grad_as(grad_w, ctx.param_dtype), grad_as(grad_b, ctx.param_dtype), None, None, None
 
 

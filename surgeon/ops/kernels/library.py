@@ -215,17 +215,45 @@ def layer_norm_backward(grad: torch.Tensor, packed: torch.Tensor, offset: torch.
     an unpack to fp32, casts of the gradient and ATen's backward."""
 
     def torch_route() -> torch.Tensor:
-        rows, width = grad.shape
-        centred = rows_unpack(packed, offset, step, rows, width, bits, torch.float32)
-        grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
-            grad.float(), centred, [width], torch.zeros_like(rstd), rstd, weight.float() if weight is not None
-            else None, None, [True, False, False])
+        grad_x, _, _ = layer_norm_backward_on_rows(grad, packed, offset, step, rstd, weight, bits, [True, False, False])
         return grad_x.to(dtype)
 
     grad_x = None
     if cuda_kernels.usable(grad) and grad.dim() == 2:
         grad_x = cuda_kernels.layer_norm_backward(grad, packed, offset, step, rstd, weight, bits, dtype, torch_route)
     return grad_x if grad_x is not None else torch_route()
+
+
+def layer_norm_backward_on_rows(grad: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, step: torch.Tensor,
+                                rstd: torch.Tensor, weight: torch.Tensor | None, bits: int, output_mask: list[bool]
+                                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """ATen's fused layer-norm backward on the dequantized centred rows (mean zero), in fp32: ``(input, weight,
+    bias)`` gradients as ``output_mask`` asks. The torch route of ``layer_norm_backward``, and the route where the
+    norm's scale trains (its gradient needs the rows whole)."""
+    rows, width = grad.shape
+    centred = rows_unpack(packed, offset, step, rows, width, bits, torch.float32)
+    scale = weight.float() if weight is not None else None
+    # the bias only gives the bias gradient its shape: its values take no part in backward
+    bias_like = (scale if scale is not None else grad.new_empty(width, dtype=torch.float32)) if output_mask[2] else None
+    return torch.ops.aten.native_layer_norm_backward(grad.float(), centred, [width], _zero_means(rstd), rstd, scale,
+                                                     bias_like, output_mask)
+
+
+_ZERO_MEANS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _zero_means(rstd: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``rstd``: the mean of rows already centred. Made once per row count and device and
+    only ever read, so a backward does not launch a fill for them each step."""
+    if torch.compiler.is_compiling():
+        return torch.zeros_like(rstd)
+    key = (rstd.numel(), str(rstd.device))
+    zeros = _ZERO_MEANS.get(key)
+    if zeros is None:
+        if len(_ZERO_MEANS) >= 64:  # a long run over many batch shapes: keep the cache small
+            _ZERO_MEANS.clear()
+        zeros = _ZERO_MEANS[key] = torch.zeros(rstd.numel(), dtype=torch.float32, device=rstd.device)
+    return zeros.view(rstd.shape)
 
 
 @layer_norm_backward.register_fake
