@@ -4,10 +4,15 @@ For ConvNeXt-T's four stage shapes (batch 32, 7×7, rank 1, the default atrous b
 instantiations are compiled with ``nvcc`` for sm_90 and read back:
 
 * **resources** (``ptxas --resource-usage``): registers, stack frame and spills of the whole kernel;
-* **SASS** (``cuobjdump -sass``, from the ``nvidia-cuda-cuobjdump`` wheel): instructions of the interior path (a
-  window wholly inside the image, compiled alone with ``SURGEON_INTERIOR_ONLY``: what nearly every thread runs),
-  divided by the outputs a thread computes. Every loop of that path is unrolled, so the static count is the
-  dynamic one, the thread's prologue included;
+* **SASS** (``cuobjdump -sass``, from the ``nvidia-cuda-cuobjdump`` wheel) of each of the kernel's two paths,
+  compiled alone: the interior path (``SURGEON_INTERIOR_ONLY``: a warp whose windows all lie inside the image) and
+  the checked path (``SURGEON_CHECKED_ONLY``: a warp with a window reaching into the padding, a predicate per
+  load). Every loop of either path is unrolled, so each static count is the dynamic one, the thread's prologue
+  included;
+* **which warps take which path**: the kernel's own placement of threads (output tiles of 4 neighbouring outputs,
+  channels fastest in NHWC, tiles fastest in NCHW) and its warp vote, replayed for the stage's shape; a warp issues
+  every instruction of its path once for its 32 lanes, and a tile past the row's end still runs whole. Their sum,
+  divided by the outputs the stage produces, is the cost per output;
 * **FMAs needed** per output: the primary taps plus the non-zero branch taps times the rank (49 + 16 + 4 = 69);
 * **bytes moved**: input and output once, plus the weights.
 
@@ -72,7 +77,8 @@ def instantiation_source(expressions: list[str]) -> str:
     lines = ['#include "quadratic_atrous.cu"']
     for expression in expressions:
         kernel, arguments = expression.split("<", 1)
-        match = re.search(rf"__global__ void {re.escape(kernel.strip())}\(([^)]*)\)", source)
+        match = re.search(rf"__global__ void (?:__launch_bounds__\([^)]*\) )?{re.escape(kernel.strip())}\(([^)]*)\)",
+                          source)
         assert match is not None, f"no template kernel {kernel!r} in quadratic_atrous.cu"
         storage = arguments.split(",", 1)[0].strip()
         params = re.sub(r"\bT\b", storage, re.sub(r"__restrict__\s+\w+|\b(N|C|H|W|HO|WO|pad_top|pad_left)\b", "",
@@ -148,6 +154,37 @@ def find(functions: dict, expression: str) -> object:
     return matches[0]
 
 
+def interior_threads(geometry: cuda_kernels.AtrousGeometry, shape: tuple[int, int, int, int], nhwc: bool,
+                     pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Per thread of the launch, in thread order: whether its tile's window lies wholly inside the image (the
+    kernel's ``AtrousLayer::place`` and ``interior``). ``shape``: the input's N, C, H, W; ``pads``: (left, right,
+    top, bottom) padding (default: half the span on each side, the "same" output at stride 1)."""
+    n, c, h, w = shape
+    span_h, span_w = geometry.span()
+    sy, sx = geometry.stride
+    pads = pads if pads is not None else (span_w // 2, span_w // 2, span_h // 2, span_h // 2)
+    left, _, top, _ = pads
+    ho, wo = cuda_kernels.output_size((h, w), (span_h, span_w), (sy, sx), pads)
+    out_w = geometry.out_w
+    tiles = geometry.tiles(wo)
+    ih0 = torch.arange(ho) * sy - top
+    iw0 = torch.arange(tiles) * out_w * sx - left
+    columns = (out_w - 1) * sx + span_w
+    rows_inside = (ih0 >= 0) & (ih0 + span_h <= h)
+    cols_inside = (iw0 >= 0) & (iw0 + columns <= w)
+    inside = rows_inside[:, None] & cols_inside[None, :]  # [oh, tile]
+    if nhwc:  # (n, oh, tile, c), c fastest
+        return inside[None, :, :, None].expand(n, ho, tiles, c).reshape(-1)
+    return inside[None, None].expand(n, c, ho, tiles).reshape(-1)  # (n, c, oh, tile), the tile fastest
+
+
+def checked_warps(interior: torch.Tensor, warp: int = 32) -> tuple[int, int]:
+    """(warps taking the checked path, all warps): a warp votes for the interior path only if every lane's tile
+    is interior (the launcher's blocks are whole warps, and the grid-stride step is a multiple of the block)."""
+    lanes = torch.nn.functional.pad(interior, (0, (-interior.numel()) % warp), value=True).view(-1, warp)
+    return int((~lanes.all(dim=1)).sum()), lanes.shape[0]
+
+
 @dataclass
 class StageCost:
     stage: str
@@ -156,10 +193,14 @@ class StageCost:
     registers: int
     stack: int
     spills: int
-    instructions_per_output: float
+    interior_per_output: float  # SASS instructions of the interior path per thread, / outputs per thread
+    checked_per_output: float  # the same for the checked path
+    checked_warps: float  # fraction of the stage's warps that take the checked path
+    instructions_per_output: float  # instructions issued per output the stage produces, both paths weighted
     fma_needed: int
-    instructions_per_fma: float
-    ffma_per_output: float
+    instructions_per_fma: float  # of instructions_per_output
+    interior_per_fma: float
+    ffma_per_output: float  # FFMA of the interior path per output of a thread
     mbytes: float
     issue_floor_us: float
     fma_floor_us: float
@@ -170,29 +211,37 @@ def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.fl
                 ) -> list[StageCost]:
     geometry = layer_geometry()
     fma_needed = 49 + (16 + 4) * geometry.rank
+    out_w = geometry.out_w
     cases = [(c, side, dtype, nhwc) for c, side in STAGES for dtype in dtypes for nhwc in (True, False)]
     expressions = [geometry.name_expression(dtype, nhwc, c) for c, _, dtype, nhwc in cases]
     unique = list(dict.fromkeys(expressions))
     with tempfile.TemporaryDirectory() as folder:
-        _, resources = compile_kernels(instantiation_source(unique), arch, Path(folder))
-        cubin, _ = compile_kernels(instantiation_source(unique), arch, Path(folder), ("SURGEON_INTERIOR_ONLY",))
-        sass = sass_counts(cubin)
+        code = instantiation_source(unique)
+        _, resources = compile_kernels(code, arch, Path(folder))
+        interior_sass = sass_counts(compile_kernels(code, arch, Path(folder), ("SURGEON_INTERIOR_ONLY",))[0])
+        checked_sass = sass_counts(compile_kernels(code, arch, Path(folder), ("SURGEON_CHECKED_ONLY",))[0])
     rows = []
     for (channels, side, dtype, nhwc), expression in zip(cases, expressions):
-        used, counts = find(resources, expression), find(sass, expression)
-        per_output = counts["total"] / cuda_kernels.ATROUS_OUT_W  # type: ignore[index]
+        used = find(resources, expression)
+        interior, checked = find(interior_sass, expression), find(checked_sass, expression)
+        interior_thread, checked_thread = interior["total"], checked["total"]  # type: ignore[index]
+        slow, warps = checked_warps(interior_threads(geometry, (BATCH, channels, side, side), nhwc))
         outputs = BATCH * channels * side * side
+        issued = 32 * (slow * checked_thread + (warps - slow) * interior_thread)  # thread-instructions
+        per_output = issued / outputs
         size = torch.empty(0, dtype=dtype).element_size()
         moved = 2 * outputs * size + channels * fma_needed * size
         sm_clock = H100["sms"] * H100["clock_hz"]
         rows.append(StageCost(
             stage=f"{BATCH}×{channels}×{side}×{side}", dtype=str(dtype).removeprefix("torch."),
             layout="NHWC" if nhwc else "NCHW", registers=used.registers, stack=used.stack,  # type: ignore[attr-defined]
-            spills=used.spill_stores + used.spill_loads, instructions_per_output=per_output,  # type: ignore[attr-defined]
-            fma_needed=fma_needed, instructions_per_fma=per_output / fma_needed,
-            ffma_per_output=counts.get("FFMA", 0) / cuda_kernels.ATROUS_OUT_W,  # type: ignore[union-attr]
+            spills=used.spill_stores + used.spill_loads,  # type: ignore[attr-defined]
+            interior_per_output=interior_thread / out_w, checked_per_output=checked_thread / out_w,
+            checked_warps=slow / warps, instructions_per_output=per_output, fma_needed=fma_needed,
+            instructions_per_fma=per_output / fma_needed, interior_per_fma=interior_thread / out_w / fma_needed,
+            ffma_per_output=interior.get("FFMA", 0) / out_w,  # type: ignore[union-attr]
             mbytes=moved / 1e6,
-            issue_floor_us=outputs * per_output / (sm_clock * H100["warp_issue_per_sm_clock"] * 32) * 1e6,
+            issue_floor_us=issued / (sm_clock * H100["warp_issue_per_sm_clock"] * 32) * 1e6,
             fma_floor_us=outputs * fma_needed / (sm_clock * H100["fma_per_sm_clock"]) * 1e6,
             hbm_floor_us=moved / H100["hbm_bytes_s"] * 1e6))
     return rows
@@ -206,11 +255,15 @@ def main() -> None:
     rows = stage_costs(args.arch)
     print(f"quadconv_atrous, 7×7 rank 1 (a: 4×4 at dilation 2, b: 2×2 at dilation 6), {args.arch}; "
           f"target ≤ {TARGET_INSTRUCTIONS_PER_FMA:g} SASS instructions per required FMA")
-    print(f"{'stage':18} {'dtype':9} {'layout':6} {'regs':>4} {'stack':>5} {'instr/out':>9} {'FMA/out':>7} "
-          f"{'instr/FMA':>9} {'MB':>6} {'issue µs':>8} {'FMA µs':>7} {'HBM µs':>7} {'H100 µs':>8}")
+    print("instructions per output: interior path, checked path, and issued per output the stage produces "
+          "(warps weighted by the path they take)")
+    print(f"{'stage':18} {'dtype':9} {'layout':6} {'regs':>4} {'stack':>5} {'interior':>8} {'checked':>7} "
+          f"{'chk warps':>9} {'instr/out':>9} {'FMA/out':>7} {'instr/FMA':>9} {'MB':>6} {'issue µs':>8} "
+          f"{'FMA µs':>7} {'HBM µs':>7} {'H100 µs':>8}")
     for row in rows:
         predicted = max(row.issue_floor_us, row.fma_floor_us, row.hbm_floor_us)
         print(f"{row.stage:18} {row.dtype:9} {row.layout:6} {row.registers:>4} {row.stack:>5} "
+              f"{row.interior_per_output:>8.1f} {row.checked_per_output:>7.1f} {row.checked_warps:>9.1%} "
               f"{row.instructions_per_output:>9.1f} {row.fma_needed:>7} {row.instructions_per_fma:>9.2f} "
               f"{row.mbytes:>6.1f} {row.issue_floor_us:>8.1f} {row.fma_floor_us:>7.1f} {row.hbm_floor_us:>7.1f} "
               f"{predicted:>8.1f}")

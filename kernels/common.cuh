@@ -25,6 +25,8 @@ __device__ __forceinline__ surgeon_half float_to_half(float f) {
 }
 __device__ __forceinline__ unsigned int float_bits(float f) { return __float_as_uint(f); }
 __device__ __forceinline__ float bits_float(unsigned int u) { return __uint_as_float(u); }
+// whether p holds on every active lane of the warp: a path chosen by it is the same for the whole warp
+__device__ __forceinline__ bool surgeon_warp_all(bool p) { return __all_sync(__activemask(), p); }
 #else
 SURGEON_HALF_CONVERSIONS
 #endif

@@ -39,6 +39,14 @@ using std::fmaxf;
 using std::fminf;
 using std::rintf;
 
+// A warp vote. The emulation runs one thread at a time, so each thread is a warp of its own and the vote is its own
+// predicate; with SURGEON_EMULATED_WARPS=mixed in the environment every warp has a lane that disagrees (the vote is
+// false), as on a GPU where a warp's lanes straddle the image border: what a path chosen by the vote must survive.
+inline bool surgeon_warp_all(bool p) {
+    const char* warps = std::getenv("SURGEON_EMULATED_WARPS");  // read at each vote: a launch may set it
+    return p && !(warps != nullptr && std::strcmp(warps, "mixed") == 0);
+}
+
 // What common.cuh takes from the GPU (PTX conversions, bit casts), as plain C++; the half conversions are
 // expanded by common.cuh once its storage types exist.
 inline unsigned int float_bits(float f) {

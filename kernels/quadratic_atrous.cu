@@ -9,8 +9,9 @@
 // registers and reused by every output and every tap that reads them; each weight is loaded once per thread
 // and reused by its OUT_W outputs. Weights are tap-major ([tap][C]) in NHWC, where the lanes of a warp are
 // neighbouring channels and so read neighbouring addresses for inputs and weights alike, and channel-major
-// ([C][tap]) in NCHW, where the lanes walk along W and share each weight (one broadcast load). A window wholly
-// inside the image, as most are, loads without bounds tests. Accumulation in fp32; fp32 / fp16 / bf16 storage.
+// ([C][tap]) in NCHW, where the lanes walk along W and share each weight (one broadcast load). A warp whose windows
+// all lie inside the image loads without bounds tests; any other warp runs the same unrolled code with a predicate
+// per load (chosen by a warp vote, so no warp runs both). Accumulation in fp32; fp32 / fp16 / bf16 storage.
 #include "common.cuh"
 
 // Tap k of one axis of a kernel sits at span position TOP + k * DILATION.
@@ -92,28 +93,33 @@ struct AtrousLayer {
         }
     }
 
-    // Accumulate every span row into s. CHECKED: the window may reach outside the image (zeros there).
-    // col_step: elements between horizontal neighbours (CH in NHWC, 1 in NCHW); row_step: between rows.
+    // Accumulate every span row into s. CHECKED: the window may reach outside the image, where inputs are zeros: an
+    // input outside is not loaded (each column's test made once per thread, as a bit of a mask, each row's once per
+    // row). col_step: elements between horizontal neighbours (CH in NHWC, 1 in NCHW); row_step: between rows.
     template <bool CHECKED>
     __device__ __forceinline__ static void rows(Sums& s, const T* row, long long row_step, int ih0, int iw0, int H,
                                                 int W, const T* w3, const T* wa, const T* wb) {
+        static_assert(COLS <= 32, "a span row's columns must fit the 32-bit column mask");
         constexpr long long col_step = NHWC ? CH : 1;
         // weight offsets of tap t: t * CH (tap-major) in NHWC, t (channel-major, pointers already at the channel)
         constexpr long long tap_step = NHWC ? CH : 1;
-        // the interior path unrolls every row; the border path (checked, one output) keeps a row loop, so
-        // that the kernel's registers are those of the interior path
-#pragma unroll(CHECKED ? 1 : SH)
+        unsigned cols_inside = 0;  // bit col: input column iw0 + col lies inside the image
+        if (CHECKED) {
+#pragma unroll
+            for (int col = 0; col < COLS; ++col)
+                cols_inside |= (unsigned)((unsigned)(iw0 + col) < (unsigned)W) << col;
+        }
+#pragma unroll
         for (int sr = 0; sr < SH; ++sr, row += row_step) {
             const int kh = (TERMS & 1) ? RowP::tap(sr) : NONE, ah = (TERMS & 2) ? RowA::tap(sr) : NONE,
                       bh = (TERMS & 4) ? RowB::tap(sr) : NONE;
             if (kh == NONE && ah == NONE && bh == NONE) continue;  // no tap in this row (resolved at compile time)
+            // a predicate per load, no branch: a padding row loads nothing
+            const unsigned inside = (unsigned)(ih0 + sr) < (unsigned)H ? cols_inside : 0u;
             float v[COLS];
-            const bool row_inside = !CHECKED || (ih0 + sr >= 0 && ih0 + sr < H);
 #pragma unroll
-            for (int col = 0; col < COLS; ++col) {
-                const bool inside = !CHECKED || (row_inside && iw0 + col >= 0 && iw0 + col < W);
-                v[col] = inside ? load_f(row, col * col_step) : 0.0f;
-            }
+            for (int col = 0; col < COLS; ++col)
+                v[col] = (!CHECKED || ((inside >> col) & 1u)) ? load_f(row, col * col_step) : 0.0f;
 #pragma unroll
             for (int sc = 0; sc < SW; ++sc) {
                 const int kw = (TERMS & 1) ? ColP::tap(sc) : NONE, aw = (TERMS & 2) ? ColA::tap(sc) : NONE,
@@ -140,33 +146,28 @@ struct AtrousLayer {
         }
     }
 
-    // Every output of a tile: inside the image, OUT_W outputs from one register window with no bounds tests; at a
-    // border, one output at a time with bounds tests, so this rare path needs few registers. emit(j, sums, k):
-    // output j of the tile from column k of sums.
+    // Every output of a tile, OUT_W of them from one register window. A warp whose tiles all lie inside the image,
+    // as most do, loads without bounds tests; any other warp takes the checked path, whose sums are the same
+    // operations in the same order (a padding input is a zero), so a tile's outputs do not depend on its
+    // neighbours and no warp runs both paths. emit(j, sums, k): output j of the tile from column k of sums.
     template <typename Emit>
     __device__ __forceinline__ static void each_output(const Tile& t, const T* row, int H, int W, int WO, const T* w3,
                                                        const T* wa, const T* wb, Emit emit) {
-        if (interior(t, H, W)) {
-            Sums s;
-            clear(s);
+        Sums s;
+        clear(s);
+#ifndef SURGEON_CHECKED_ONLY  // defined only to measure the checked path's static cost (benchmarks/kernel_cost.py)
+        if (surgeon_warp_all(interior(t, H, W))) {
             rows<false>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
-#pragma unroll
-            for (int j = 0; j < OUT_W; ++j) {
-                if (t.ow0 + j < WO) emit(j, s, j);
-            }
-        } else {
-#ifndef SURGEON_INTERIOR_ONLY  // defined only to measure the interior path's static cost (benchmarks/kernel_cost.py)
-            using Single = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL,
-                                       RANK, SY, SX, 1, TERMS>;
-#pragma unroll 1
-            for (int j = 0; j < OUT_W && t.ow0 + j < WO; ++j) {
-                typename Single::Sums s;
-                Single::clear(s);
-                Single::template rows<true>(s, row + (long long)j * SX * t.col_step, t.row_step, t.ih0,
-                                            t.iw0 + j * SX, H, W, w3, wa, wb);
-                emit(j, s, 0);
-            }
+        } else
 #endif
+        {
+#ifndef SURGEON_INTERIOR_ONLY  // defined only to measure the interior path's static cost (benchmarks/kernel_cost.py)
+            rows<true>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
+#endif
+        }
+#pragma unroll
+        for (int j = 0; j < OUT_W; ++j) {
+            if (t.ow0 + j < WO) emit(j, s, j);
         }
     }
 };
@@ -186,10 +187,10 @@ __global__ void quadconv_atrous(const T* __restrict__ x, const T* __restrict__ w
         const T* w3c = w3 + (NHWC ? t.c : (long long)t.c * KH * KW);
         const T* wac = wa + (NHWC ? t.c : (long long)t.c * RANK * AH * AW);
         const T* wbc = wb + (NHWC ? t.c : (long long)t.c * RANK * BH * BW);
-        const float bias = b3 ? load_f(b3, t.c) : 0.0f;
-        // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32)
+        // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32); the bias is read once the sums are
+        // made, so that it holds no register while they are
         Layer::each_output(t, x + t.row, H, W, WO, w3c, wac, wbc, [&](int j, const auto& s, int k) {
-            float value = bias + s.primary[k];
+            float value = (b3 ? load_f(b3, t.c) : 0.0f) + s.primary[k];
 #pragma unroll
             for (int r = 0; r < RANK; ++r) value += s.a[r][k] * s.b[r][k];
             store_f(y, t.out + (long long)j * t.col_step, value);

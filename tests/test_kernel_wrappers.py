@@ -6,6 +6,7 @@ types and out-of-bounds accesses."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -267,6 +268,69 @@ def test_the_specialised_atrous_kernel_matches_the_dense_route(gpu, kernel, stri
         scale = max(1.0, want.abs().max().item())
         assert (y.double() - want).abs().max().item() <= TOLERANCE[dtype] * scale
     assert not cuda_kernels.REGISTRY.disabled  # every first-use self-check agreed
+
+
+def test_the_emulated_warp_vote_follows_its_setting(tmp_path):
+    """The emulation's vote is the thread's own predicate, and false everywhere with SURGEON_EMULATED_WARPS=mixed:
+    the setting the next test relies on does reach the kernels."""
+    program = tmp_path / "vote"
+    (tmp_path / "vote.cpp").write_text(
+        '#include "cpu_emulation.h"\n#include <cstdio>\nthread_local dim3 threadIdx, blockIdx, blockDim, gridDim;\n'
+        'int main() { std::printf("%d %d", surgeon_warp_all(true), surgeon_warp_all(false)); }\n')
+    subprocess.run(["g++", "-std=c++17", f"-I{fake_cupy.KERNELS}", "-o", str(program), str(tmp_path / "vote.cpp")],
+                   check=True)
+    environment = {k: v for k, v in os.environ.items() if k != "SURGEON_EMULATED_WARPS"}
+    own = subprocess.run([str(program)], capture_output=True, text=True, check=True, env=environment).stdout
+    mixed = subprocess.run([str(program)], capture_output=True, text=True, check=True,
+                           env={**environment, "SURGEON_EMULATED_WARPS": "mixed"}).stdout
+    assert (own, mixed) == ("1 0", "0 0")
+
+
+# geometries with windows inside the image and windows reaching into the padding: kernel, stride, dilation, rank, size
+BOTH_PATHS = [(3, 1, 1, 1, (9, 11)), (7, 1, 1, 1, (14, 20)), (3, 2, 1, 2, (10, 20)), (3, 1, 2, 1, (12, 13))]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,rank,size", BOTH_PATHS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_window_inside_the_image_gives_the_same_bits_on_the_checked_path(gpu, kernel, stride, dilation, rank,
+                                                                            size, channels_last, monkeypatch):
+    """A warp with one window in the padding runs the checked path for all its lanes, interior windows included:
+    forcing every warp onto it (SURGEON_EMULATED_WARPS=mixed) leaves the merged kernel's output and the training
+    kernel's branch factors bit-identical, in fp32 and bf16."""
+    from benchmarks.kernel_cost import interior_threads
+
+    padding = kernel // 2 * dilation
+    merged = merged_layer(kernel, stride, padding, dilation, rank, False, channels=6)
+    training = training_layer(kernel, stride, padding, dilation, rank, False)
+    geometry = merged.atrous_geometry()
+    assert geometry.supported()
+    interior = interior_threads(geometry, (2, 6, *size), channels_last)
+    assert interior.any() and not interior.all()  # both paths have work on the first run
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(kernel + rank)
+    results = {}
+    for warps in ("own", "mixed"):
+        monkeypatch.setenv("SURGEON_EMULATED_WARPS", warps)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 6, *size, generator=torch.Generator().manual_seed(3)).to(dtype)
+            x = x.contiguous(memory_format=fmt)
+            layer = copy.deepcopy(training).to(dtype)
+            with torch.no_grad():
+                y = copy.deepcopy(merged).to(dtype)(x)
+                given = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+                given = given.contiguous(memory_format=fmt)
+                arguments = ("a_and_b_times", x, layer.weight_a, layer.weight_b, given, geometry)
+                factors = cuda_kernels.quadratic_term(
+                    *arguments, (padding,) * 4, functools.partial(kernel_ops.quadratic_term_reference, *arguments,
+                                                                  [padding] * 4))
+            assert factors is not None
+            results[warps, dtype] = (y, factors)
+    launched = [launch.name for launch in gpu.launches]
+    assert launched.count(geometry.name_expression(torch.bfloat16, channels_last, 6)) == 2
+    assert launched.count(geometry.term_expression(torch.float32, channels_last, 6, 3)) == 2
+    for dtype in (torch.float32, torch.bfloat16):
+        for own, mixed in zip(results["own", dtype], results["mixed", dtype], strict=True):
+            assert torch.equal(own, mixed)
 
 
 def training_layer(kernel, stride, padding, dilation, rank, same, channels=6) -> QuadraticDepthwiseConv2d:

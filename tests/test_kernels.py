@@ -90,14 +90,39 @@ def test_every_kernel_fits_its_resource_budget(arch, tmp_path):
 
 
 def test_the_specialised_kernel_costs_at_most_4_instructions_per_required_fma():
-    """SASS of the interior path for ConvNeXt-T's four stage shapes (benchmarks/kernel_cost.py)."""
+    """SASS of both paths for ConvNeXt-T's four stage shapes (benchmarks/kernel_cost.py): the interior path within
+    4 instructions per required FMA, and the checked path (windows reaching into the padding, every load predicated)
+    within 1.4x the interior path's instructions: no slow border fallback."""
     from benchmarks.kernel_cost import TARGET_INSTRUCTIONS_PER_FMA, stage_costs
 
     rows = stage_costs("sm_90")
     assert len(rows) == 4 * 2 * 2
     for row in rows:
         assert row.fma_needed == 69 and row.ffma_per_output >= row.fma_needed  # every required FMA is there
-        assert row.instructions_per_fma <= TARGET_INSTRUCTIONS_PER_FMA, row
+        assert row.interior_per_fma <= TARGET_INSTRUCTIONS_PER_FMA, row
+        assert row.interior_per_output < row.checked_per_output <= 1.4 * row.interior_per_output, row
+        # what a stage issues per output lies between its paths' costs, stretched by tiles past the row's end
+        slots = 4 * -(-int(row.stage.split("×")[-1]) // 4) / int(row.stage.split("×")[-1])
+        assert row.interior_per_output <= row.instructions_per_output <= row.checked_per_output * slots, row
+
+
+def test_warps_take_the_checked_path_where_a_lane_reaches_the_padding():
+    """The thread placement the cost model replays, against counts made by hand for a 7x7 "same" layer: at 56x56,
+    output rows 3..52 and tiles 1..12 of 14 have windows inside the image; in NHWC a warp is 32 channels of one
+    tile, so the warps of the other tiles take the checked path; in NCHW a warp's 32 tiles span rows and always
+    include a row's first tile; at 7x7 no window fits."""
+    from benchmarks.kernel_cost import checked_warps, interior_threads, layer_geometry
+
+    geometry = layer_geometry()
+    nhwc = interior_threads(geometry, (2, 96, 56, 56), True)
+    assert nhwc.numel() == 2 * 96 * 56 * 14 and int(nhwc.sum()) == 2 * 96 * 50 * 12
+    slow, warps = checked_warps(nhwc)
+    assert (slow, warps) == (2 * 3 * (56 * 14 - 50 * 12), 2 * 3 * 56 * 14)
+    assert checked_warps(interior_threads(geometry, (2, 96, 56, 56), False)) == (warps, warps)
+    assert not interior_threads(geometry, (1, 8, 7, 7), True).any()
+    # a warp straddling channel groups (C = 48): lanes of two tiles vote together
+    straddling = interior_threads(geometry, (1, 48, 56, 56), True)
+    assert checked_warps(straddling)[0] > checked_warps(interior_threads(geometry, (1, 64, 56, 56), True))[0] * 48 / 64
 
 
 @pytest.mark.parametrize("source", cuda_kernels.KERNEL_FILES)
