@@ -102,7 +102,8 @@ def test_the_specialised_kernel_costs_at_most_4_instructions_per_required_fma():
         assert row.interior_per_fma <= TARGET_INSTRUCTIONS_PER_FMA, row
         assert row.interior_per_output < row.checked_per_output <= 1.4 * row.interior_per_output, row
         # what a stage issues per output lies between its paths' costs, stretched by tiles past the row's end
-        slots = 4 * -(-int(row.stage.split("×")[-1]) // 4) / int(row.stage.split("×")[-1])
+        side, out_w = int(row.stage.split("×")[-1]), cuda_kernels.ATROUS_OUT_W  # rank 1: 4 outputs per thread
+        slots = out_w * -(-side // out_w) / side
         assert row.interior_per_output <= row.instructions_per_output <= row.checked_per_output * slots, row
 
 

@@ -570,10 +570,11 @@ def _pack_grid(out: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------------ atrous quadratic conv
-# outputs per thread (a template parameter of the kernel) at rank 1, and at a higher rank, whose branch sums (2 * rank
-# per output) do not fit 64 registers for 4 outputs beside a span row's inputs on the bounds-checked path
+# outputs per thread (a template parameter of the kernel), and the fewer taken where that many outputs' branch sums
+# (2 * rank per output) beside a span row's inputs need more than 64 registers (nvcc 13, sm_80 and sm_90, measured):
+# above rank 2, and at rank 2 with 16-bit channels-last storage (80 registers with 4 outputs)
 ATROUS_OUT_W = 4
-ATROUS_OUT_W_HIGHER_RANK = 2
+ATROUS_OUT_W_NARROW = 2
 ATROUS_MAX_RANK = 4
 ATROUS_MAX_SPAN = 15  # every row of the span is unrolled: wider spans take the generic kernel
 ATROUS_MAX_COLUMNS = 32  # input columns of one thread's span row: bits of the kernel's column mask
@@ -596,26 +597,31 @@ class AtrousGeometry:
     def span(self) -> tuple[int, int]:
         return conv_span(self.kernel, self.dilation)
 
-    @property
-    def out_w(self) -> int:
-        """Neighbouring outputs one thread computes."""
-        return ATROUS_OUT_W if self.rank == 1 else ATROUS_OUT_W_HIGHER_RANK
+    def out_w(self, dtype: torch.dtype, channels_last: bool) -> int:
+        """Neighbouring outputs one thread computes, for this storage type and layout."""
+        narrow = self.rank > 2 or (self.rank == 2 and channels_last and dtype != torch.float32)
+        return ATROUS_OUT_W_NARROW if narrow else ATROUS_OUT_W
 
-    def tiles(self, output_width: int) -> int:
+    def tiles(self, output_width: int, dtype: torch.dtype, channels_last: bool) -> int:
         """Threads along an output row."""
-        return (output_width + self.out_w - 1) // self.out_w
+        out_w = self.out_w(dtype, channels_last)
+        return (output_width + out_w - 1) // out_w
+
+    def columns(self, dtype: torch.dtype, channels_last: bool) -> int:
+        """Input columns of one span row that a thread's outputs read (the kernel's ``COLS``)."""
+        return (self.out_w(dtype, channels_last) - 1) * self.stride[1] + self.span()[1]
 
     def supported(self) -> bool:
-        # a thread's span row (its outputs' columns) must fit the kernel's 32-bit mask of columns inside the image
-        columns = (self.out_w - 1) * self.stride[1] + self.span()[1]
+        # a thread's span row must fit the kernel's 32-bit mask of columns inside the image, for every storage
+        # type and layout (fp32 NCHW takes the most outputs per thread)
         return (self.rank <= ATROUS_MAX_RANK and max(self.span()) <= ATROUS_MAX_SPAN and min(self.stride) >= 1
-                and columns <= ATROUS_MAX_COLUMNS)
+                and self.columns(torch.float32, False) <= ATROUS_MAX_COLUMNS)
 
     def name_expression(self, dtype: torch.dtype, channels_last: bool, channels: int) -> str:
         """The template instantiation for this geometry, storage type and layout (NHWC: also the channel count)."""
         values = [_STORAGE_TYPE[dtype], "true" if channels_last else "false", str(channels if channels_last else 0),
                   *map(str, (*self.kernel, *self.dilation, *self.branch_a, *self.branch_b, self.rank, *self.stride,
-                             self.out_w))]
+                             self.out_w(dtype, channels_last)))]
         return f"quadconv_atrous<{', '.join(values)}>"
 
 
@@ -675,7 +681,7 @@ def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tenso
     x, given = x.contiguous(memory_format=fmt), given.contiguous(memory_format=fmt)
     wa_k, wb_k = branch_weights(wa.detach(), wb.detach(), c, geometry.rank, channels_last)
     y = term_output(mode, given, geometry.rank, channels_last)
-    tiles = geometry.tiles(wo)
+    tiles = geometry.tiles(wo, x.dtype, channels_last)
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
         return (_flat(cupy, x), _flat(cupy, wa_k), _flat(cupy, wb_k), _flat(cupy, given), _flat(cupy, y),
@@ -744,7 +750,7 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    tiles = geometry.tiles(wo)
+    tiles = geometry.tiles(wo, x.dtype, channels_last)
     weights = (w3, b3, wa, wb)
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
