@@ -7,8 +7,11 @@ instantiations are compiled with ``nvcc`` for sm_90 and read back:
 * **SASS** (``cuobjdump -sass``, from the ``nvidia-cuda-cuobjdump`` wheel) of each of the kernel's two paths,
   compiled alone: the interior path (``SURGEON_INTERIOR_ONLY``: a warp whose windows all lie inside the image) and
   the checked path (``SURGEON_CHECKED_ONLY``: a warp with a window reaching into the padding, a predicate per
-  load). Every loop of either path is unrolled, so each static count is the dynamic one, the thread's prologue
-  included;
+  load). Every loop of either path is unrolled, and the thread's placement divides without a branch, so a path's
+  cost is the instructions on the longest way through its SASS for one pass of the grid-stride loop (forward
+  branches followed both ways, the loop's back edge not taken, code after the last ``EXIT`` unreachable): the most
+  a thread issues, prologue and epilogue included. The static total also counts the skipped side of each
+  branch (with a bias / without one) and the alignment padding, so it is higher;
 * **which warps take which path**: the kernel's own placement of threads (output tiles of 4 neighbouring outputs,
   channels fastest in NHWC, tiles fastest in NCHW) and its warp vote, replayed for the stage's shape; a warp issues
   every instruction of its path once for its 32 lanes, and a tile past the row's end still runs whole. Their sum,
@@ -77,11 +80,10 @@ def instantiation_source(expressions: list[str]) -> str:
     lines = ['#include "quadratic_atrous.cu"']
     for expression in expressions:
         kernel, arguments = expression.split("<", 1)
-        match = re.search(rf"__global__ void {re.escape(kernel.strip())}\(([^)]*)\)", source)
+        match = re.search(rf"__global__ void (?:__\w+__\(.*?\)\s+)?{re.escape(kernel.strip())}\(([^)]*)\)", source)
         assert match is not None, f"no template kernel {kernel!r} in quadratic_atrous.cu"
         storage = arguments.split(",", 1)[0].strip()
-        params = re.sub(r"\bT\b", storage, re.sub(r"__restrict__\s+\w+|\b(N|C|H|W|HO|WO|pad_top|pad_left)\b", "",
-                                                   match.group(1)))
+        params = re.sub(r"\bT\b", storage, match.group(1))  # the declared parameters, names and all
         lines.append(f"template __global__ void {expression}({params});")
     return "\n".join(lines) + "\n"
 
@@ -117,23 +119,66 @@ def parse_resources(log: str) -> dict[str, Resources]:
     return found
 
 
-def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
-    """Per function: instruction count and the count of each opcode (``FFMA``, ``LDG``, ...)."""
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # FFMA, LDG, BRA, ...
+    predicated: bool  # runs under a predicate (@P0, @!P1, ...): for a branch or an exit, a conditional one
+    target: int | None  # a branch's destination
+
+
+def sass_functions(cubin: Path) -> dict[str, list[Instruction]]:
+    """Each function's SASS instructions in address order (``cuobjdump -sass``)."""
     # cuobjdump disassembles through nvdisasm, which it looks for on PATH
     path = os.pathsep.join([os.path.dirname(tool("nvdisasm")), os.environ.get("PATH", "")])
     text = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True,
                           env={**os.environ, "PATH": path}).stdout
-    counts: dict[str, dict[str, int]] = {}
-    current: dict[str, int] | None = None
+    functions: dict[str, list[Instruction]] = {}
+    current: list[Instruction] | None = None
     for line in text.splitlines():
         function = re.match(r"\s+Function : (\S+)", line)
         if function:
-            current = counts.setdefault(function.group(1), {"total": 0})
+            current = functions.setdefault(function.group(1), [])
             continue
-        instruction = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)", line)
-        if instruction and current is not None:
-            current["total"] += 1
-            current[instruction.group(1)] = current.get(instruction.group(1), 0) + 1
+        found = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)([^;]*);", line)
+        if found and current is not None:
+            opcode = found.group(3)
+            target = re.search(r"(?:^|\s)(0x[0-9a-f]+)\s*$", found.group(4)) if opcode == "BRA" else None
+            current.append(Instruction(int(found.group(1), 16), opcode, found.group(2) is not None,
+                                       int(target.group(1), 16) if target else None))
+    return functions
+
+
+def longest_path(instructions: list[Instruction]) -> int:
+    """The most instructions one thread can issue in one pass through a function: the longest way from its entry
+    to an exit, following every forward branch both ways (a conditional one) or its way (an unconditional one),
+    never a backward branch (a loop's next pass). Raises on a call: a subroutine's cost is not counted."""
+    at = {instruction.address: index for index, instruction in enumerate(instructions)}
+    longest = [0] * (len(instructions) + 1)  # from each instruction to the end of the pass; the sentinel ends it
+    for index in range(len(instructions) - 1, -1, -1):
+        instruction = instructions[index]
+        if instruction.opcode == "CALL":
+            raise ValueError(f"a call at {instruction.address:#x}: the kernel is meant to have no subroutine")
+        after: list[int] = []
+        ends = instruction.opcode in ("EXIT", "RET", "BRA")
+        if not ends or instruction.predicated:
+            after.append(index + 1 if index + 1 < len(instructions) else len(instructions))
+        if instruction.opcode == "BRA" and instruction.target is not None and instruction.target > instruction.address:
+            after.append(at[instruction.target])
+        if instruction.opcode in ("EXIT", "RET") or (instruction.opcode == "BRA" and not after):
+            after.append(len(instructions))  # the pass ends here (an exit, or a loop's branch back)
+        longest[index] = 1 + max(longest[successor] for successor in after)
+    return longest[0]
+
+
+def sass_counts(cubin: Path) -> dict[str, dict[str, int]]:
+    """Per function: ``total`` (every instruction), ``path`` (:func:`longest_path`) and each opcode's count
+    (``FFMA``, ``LDG``, ...)."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, instructions in sass_functions(cubin).items():
+        found = counts[name] = {"total": len(instructions), "path": longest_path(instructions)}
+        for instruction in instructions:
+            found[instruction.opcode] = found.get(instruction.opcode, 0) + 1
     return counts
 
 
@@ -222,7 +267,7 @@ def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.fl
     for (channels, side, dtype, nhwc), expression in zip(cases, expressions):
         used = find(resources, expression)
         interior, checked = find(interior_sass, expression), find(checked_sass, expression)
-        interior_thread, checked_thread = interior["total"], checked["total"]  # type: ignore[index]
+        interior_thread, checked_thread = interior["path"], checked["path"]  # type: ignore[index]
         slow, warps = checked_warps(interior_threads(geometry, (BATCH, channels, side, side), nhwc, dtype))
         out_w = geometry.out_w(dtype, nhwc)
         outputs = BATCH * channels * side * side

@@ -33,8 +33,12 @@ SURGEON_HALF_CONVERSIONS
 
 __device__ __forceinline__ float bfloat16_to_float(surgeon_bfloat16 h) { return bits_float((unsigned int)h.bits << 16); }
 __device__ __forceinline__ surgeon_bfloat16 float_to_bfloat16(float f) {
-    // round to nearest even, NaN kept quiet (what __float2bfloat16_rn does)
     surgeon_bfloat16 h;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // one conversion instruction where the hardware has one: no branch for NaN, no integer rounding sequence
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#else
+    // round to nearest even, a NaN stays a quiet NaN (what cvt.rn.bf16.f32 and __float2bfloat16_rn do)
     unsigned int word = float_bits(f);
     if (f != f) {
         h.bits = (unsigned short)0x7FC0u;
@@ -42,6 +46,7 @@ __device__ __forceinline__ surgeon_bfloat16 float_to_bfloat16(float f) {
     }
     word += 0x7FFFu + ((word >> 16) & 1u);
     h.bits = (unsigned short)(word >> 16);
+#endif
     return h;
 }
 
@@ -61,6 +66,24 @@ __device__ __forceinline__ void store_f(surgeon_bfloat16* p, long long i, float 
 
 // the largest block of a block-per-row kernel (a power of two): rows_quantize, layer_norm_backward
 #define SURGEON_ROWS_BLOCK 256
+
+// Division by a number known only at launch, without a divide: for every n < 2^31 and divisor d >= 1,
+// n / d == (umulhi(n, multiplier) + n) >> shift, with shift = ceil(log2 d) and multiplier =
+// floor(2^32 (2^shift - d) / d) + 1 (Granlund and Montgomery), both made by the launcher
+// (surgeon.ops.kernels.cuda.fast_divisor). A multiply-high, an add and a shift, with no branch: a runtime divide
+// is a sequence of some twenty instructions, and a 64-bit one a call with a slow path.
+struct SurgeonDivisor {
+    unsigned int divisor, multiplier, shift;
+    __device__ __forceinline__ unsigned int quotient(unsigned int n) const {
+        return ((unsigned int)(((unsigned long long)n * multiplier) >> 32) + n) >> shift;
+    }
+    // the remainder of n / divisor, n becoming the quotient: peels the fastest index off a flat one
+    __device__ __forceinline__ unsigned int peel(unsigned int& n) const {
+        const unsigned int q = quotient(n), r = n - q * divisor;
+        n = q;
+        return r;
+    }
+};
 
 #define SURGEON_GRID_STRIDE_LOOP(index, total)                                                        \
     for (long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x; index < (total);          \

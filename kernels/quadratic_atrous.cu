@@ -11,7 +11,9 @@
 // neighbouring channels and so read neighbouring addresses for inputs and weights alike, and channel-major
 // ([C][tap]) in NCHW, where the lanes walk along W and share each weight (one broadcast load). A warp whose windows
 // all lie inside the image loads without bounds tests; any other warp runs the same unrolled code with a predicate
-// per load (chosen by a warp vote, so no warp runs both). Accumulation in fp32; fp32 / fp16 / bf16 storage.
+// per load (chosen by a warp vote, so no warp runs both). A thread finds its place without a divide (the
+// launcher's multiply-high constants, SurgeonDivisor) and with 32-bit offsets (the launcher hands over no tensor of
+// 2^31 elements). Accumulation in fp32; fp32 / fp16 / bf16 storage.
 #include "common.cuh"
 
 // Tap k of one axis of a kernel sits at span position TOP + k * DILATION.
@@ -40,38 +42,40 @@ struct AtrousLayer {
 
     // Where one thread works: output row oh, columns ow0.. of channel c of image n; x + row is the first input its
     // span reads (ih0, iw0: that input's row and column, negative in the padding); out, its first output's offset
-    // in a C-channel output of x's layout.
+    // in a C-channel output of x's layout. 32-bit offsets: the launcher hands over no tensor of 2^31 elements or
+    // more.
     struct Tile {
         int n, c, oh, ow0, ih0, iw0;
-        long long col_step, row_step, row, out;
+        int col_step, row_step, row, out;
     };
 
-    // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW
-    __device__ __forceinline__ static Tile place(long long index, int C, int H, int W, int HO, int WO, int pad_top,
-                                                 int pad_left) {
-        constexpr int CHANNELS = CH > 0 ? CH : 1;
-        const int tiles = (WO + OUT_W - 1) / OUT_W;
+    // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW; tiles,
+    // rows and channels: the launch's tiles per output row, HO and C as divisors (a thread index is below 2^31)
+    __device__ __forceinline__ static Tile place(unsigned int index, int C, int H, int W, int HO, int WO,
+                                                 int pad_top, int pad_left, const SurgeonDivisor& tiles,
+                                                 const SurgeonDivisor& rows, const SurgeonDivisor& channels) {
         Tile t;
-        long long rest = index;
+        unsigned int rest = index;
         int tile;
         if (NHWC) {
-            t.c = (int)(rest % CHANNELS); rest /= CHANNELS;  // a constant divisor: a multiply and a shift
-            tile = (int)(rest % tiles); rest /= tiles;
-            t.oh = (int)(rest % HO); t.n = (int)(rest / HO);
+            t.c = (int)(rest % (unsigned int)CH); rest /= (unsigned int)CH;  // a constant: a multiply and a shift
+            tile = (int)tiles.peel(rest);
+            t.oh = (int)rows.peel(rest);
+            t.n = (int)rest;
         } else {
-            tile = (int)(rest % tiles); rest /= tiles;
-            t.oh = (int)(rest % HO); rest /= HO;
-            t.c = (int)(rest % C); t.n = (int)(rest / C);
+            tile = (int)tiles.peel(rest);
+            t.oh = (int)rows.peel(rest);
+            t.c = (int)channels.peel(rest);
+            t.n = (int)rest;
         }
         t.ow0 = tile * OUT_W;
         t.ih0 = t.oh * SY - pad_top;
         t.iw0 = t.ow0 * SX - pad_left;
         t.col_step = NHWC ? CH : 1;
-        t.row_step = (long long)W * t.col_step;
-        const long long plane = NHWC ? (long long)t.n * H * W * CH + t.c : ((long long)t.n * C + t.c) * H * W;
-        t.row = plane + (long long)t.ih0 * t.row_step + (long long)t.iw0 * t.col_step;
-        t.out = NHWC ? (((long long)t.n * HO + t.oh) * WO + t.ow0) * CH + t.c
-                     : (((long long)t.n * C + t.c) * HO + t.oh) * WO + t.ow0;
+        t.row_step = W * t.col_step;
+        const int plane = NHWC ? t.n * H * W * CH + t.c : (t.n * C + t.c) * H * W;
+        t.row = plane + t.ih0 * t.row_step + t.iw0 * t.col_step;
+        t.out = NHWC ? ((t.n * HO + t.oh) * WO + t.ow0) * CH + t.c : ((t.n * C + t.c) * HO + t.oh) * WO + t.ow0;
         return t;
     }
 
@@ -97,17 +101,16 @@ struct AtrousLayer {
     // input outside is not loaded (each column's test made once per thread, as a bit of a mask, each row's once per
     // row). col_step: elements between horizontal neighbours (CH in NHWC, 1 in NCHW); row_step: between rows.
     template <bool CHECKED>
-    __device__ __forceinline__ static void rows(Sums& s, const T* row, long long row_step, int ih0, int iw0, int H,
-                                                int W, const T* w3, const T* wa, const T* wb) {
+    __device__ __forceinline__ static void rows(Sums& s, const T* row, int row_step, int ih0, int iw0, int H, int W,
+                                                const T* w3, const T* wa, const T* wb) {
         static_assert(COLS <= 32, "a span row's columns must fit the 32-bit column mask");
         constexpr long long col_step = NHWC ? CH : 1;
         // weight offsets of tap t: t * CH (tap-major) in NHWC, t (channel-major, pointers already at the channel)
         constexpr long long tap_step = NHWC ? CH : 1;
         unsigned cols_inside = 0;  // bit col: input column iw0 + col lies inside the image
-        if (CHECKED) {
-#pragma unroll
-            for (int col = 0; col < COLS; ++col)
-                cols_inside |= (unsigned)((unsigned)(iw0 + col) < (unsigned)W) << col;
+        if (CHECKED) {  // columns first..last-1 of the span row lie inside: a run of bits, made by two shifts
+            const int first = iw0 < 0 ? -iw0 : 0, last = W - iw0 < COLS ? W - iw0 : COLS;
+            cols_inside = first < last ? (0xFFFFFFFFu >> (32 - last)) & (0xFFFFFFFFu << first) : 0u;
         }
 #pragma unroll
         for (int sr = 0; sr < SH; ++sr, row += row_step) {
@@ -176,24 +179,31 @@ template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH,
           int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W>
 __global__ void quadconv_atrous(const T* __restrict__ x, const T* __restrict__ w3, const T* __restrict__ b3,
                                 const T* __restrict__ wa, const T* __restrict__ wb, T* __restrict__ y, int N, int C,
-                                int H, int W, int HO, int WO, int pad_top, int pad_left) {
+                                int H, int W, int HO, int WO, int pad_top, int pad_left, unsigned int tiles_multiplier,
+                                unsigned int tiles_shift, unsigned int rows_multiplier, unsigned int rows_shift,
+                                unsigned int channels_multiplier, unsigned int channels_shift) {
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
                               SY, SX, OUT_W>;
     if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
-    const long long total = (long long)N * C * HO * ((WO + OUT_W - 1) / OUT_W);
+    const unsigned int tiles = (WO + OUT_W - 1) / OUT_W;
+    const SurgeonDivisor by_tiles{tiles, tiles_multiplier, tiles_shift}, by_rows{(unsigned)HO, rows_multiplier,
+                                                                                 rows_shift},
+        by_channels{(unsigned)C, channels_multiplier, channels_shift};
+    const long long total = (long long)N * C * HO * tiles;
     SURGEON_GRID_STRIDE_LOOP(index, total) {
-        const typename Layer::Tile t = Layer::place(index, C, H, W, HO, WO, pad_top, pad_left);
+        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left,
+                                                    by_tiles, by_rows, by_channels);
         // each weight pointer at this channel's first tap
-        const T* w3c = w3 + (NHWC ? t.c : (long long)t.c * KH * KW);
-        const T* wac = wa + (NHWC ? t.c : (long long)t.c * RANK * AH * AW);
-        const T* wbc = wb + (NHWC ? t.c : (long long)t.c * RANK * BH * BW);
+        const T* w3c = w3 + (NHWC ? t.c : t.c * KH * KW);
+        const T* wac = wa + (NHWC ? t.c : t.c * RANK * AH * AW);
+        const T* wbc = wb + (NHWC ? t.c : t.c * RANK * BH * BW);
         // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32); the bias is read once the sums are
         // made, so that it holds no register while they are
         Layer::each_output(t, x + t.row, H, W, WO, w3c, wac, wbc, [&](int j, const auto& s, int k) {
             float value = (b3 ? load_f(b3, t.c) : 0.0f) + s.primary[k];
 #pragma unroll
             for (int r = 0; r < RANK; ++r) value += s.a[r][k] * s.b[r][k];
-            store_f(y, t.out + (long long)j * t.col_step, value);
+            store_f(y, t.out + j * t.col_step, value);
         });
     }
 }
@@ -209,27 +219,35 @@ template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH,
           int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W, int MODE>
 __global__ void quadratic_term(const T* __restrict__ x, const T* __restrict__ wa, const T* __restrict__ wb,
                                const T* __restrict__ given, T* __restrict__ y, int N, int C, int H, int W, int HO,
-                               int WO, int pad_top, int pad_left) {
+                               int WO, int pad_top, int pad_left, unsigned int tiles_multiplier,
+                               unsigned int tiles_shift, unsigned int rows_multiplier, unsigned int rows_shift,
+                               unsigned int channels_multiplier, unsigned int channels_shift) {
     constexpr int TERMS = MODE == 1 ? 2 : MODE == 2 ? 4 : 6;
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
                               SY, SX, OUT_W, TERMS>;
     if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
-    const long long total = (long long)N * C * HO * ((WO + OUT_W - 1) / OUT_W);
+    const unsigned int tiles = (WO + OUT_W - 1) / OUT_W;
+    const SurgeonDivisor by_tiles{tiles, tiles_multiplier, tiles_shift}, by_rows{(unsigned)HO, rows_multiplier,
+                                                                                 rows_shift},
+        by_channels{(unsigned)C, channels_multiplier, channels_shift};
+    const long long total = (long long)N * C * HO * tiles;
     SURGEON_GRID_STRIDE_LOOP(index, total) {
-        const typename Layer::Tile t = Layer::place(index, C, H, W, HO, WO, pad_top, pad_left);
+        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left,
+                                                    by_tiles, by_rows, by_channels);
         const int c = t.c, n = t.n, oh = t.oh, ow0 = t.ow0;
-        const T* wac = wa + (NHWC ? c : (long long)c * RANK * AH * AW);
-        const T* wbc = wb + (NHWC ? c : (long long)c * RANK * BH * BW);
+        const T* wac = wa + (NHWC ? c : c * RANK * AH * AW);
+        const T* wbc = wb + (NHWC ? c : c * RANK * BH * BW);
         // output j of this thread: at t.out + j * col_step of a C-channel tensor (given, and y in MODE 0), and of
-        // rank r at (n, c * RANK + r, oh, ow0 + j) of the C * RANK-channel factor
-        const long long factor_at = NHWC ? (((long long)n * HO + oh) * WO + ow0) * CH * RANK + (long long)c * RANK
-                                         : (((long long)n * C + c) * RANK * HO + oh) * WO + ow0;
-        const long long factor_col = NHWC ? (long long)CH * RANK : 1;
-        const long long factor_rank = NHWC ? 1 : (long long)HO * WO;
-        const long long factor_total = (long long)N * C * RANK * HO * WO;  // MODE 3: where y[1] starts
+        // rank r at (n, c * RANK + r, oh, ow0 + j) of the C * RANK-channel factor (y, both factors in MODE 3,
+        // below 2^31 elements)
+        const int factor_at = NHWC ? ((n * HO + oh) * WO + ow0) * CH * RANK + c * RANK
+                                   : ((n * C + c) * RANK * HO + oh) * WO + ow0;
+        const int factor_col = NHWC ? CH * RANK : 1;
+        const int factor_rank = NHWC ? 1 : HO * WO;
+        const int factor_total = N * C * RANK * HO * WO;  // MODE 3: where y[1] starts
         // output j from its branch sums: added to the primary's (MODE 0) or each rank's factor times the gradient
         Layer::each_output(t, x + t.row, H, W, WO, wac, wac, wbc, [&](int j, const auto& s, int k) {
-            const long long at = t.out + (long long)j * t.col_step;
+            const int at = t.out + j * t.col_step;
             if (MODE == 0) {
                 float value = load_f(given, at);
 #pragma unroll
@@ -239,7 +257,7 @@ __global__ void quadratic_term(const T* __restrict__ x, const T* __restrict__ wa
                 const float g = load_f(given, at);
 #pragma unroll
                 for (int r = 0; r < RANK; ++r) {
-                    const long long f = factor_at + j * factor_col + r * factor_rank;
+                    const int f = factor_at + j * factor_col + r * factor_rank;
                     store_f(y, f, (MODE == 2 ? s.b[r][k] : s.a[r][k]) * g);
                     if (MODE == 3) store_f(y, factor_total + f, s.b[r][k] * g);
                 }

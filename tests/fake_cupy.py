@@ -6,7 +6,8 @@ g++ and ``kernels/cpu_emulation.h``, through one generic ``launch(name, grid, bl
 from the kernels' ``extern "C"`` prototypes. On every launch the harness
 
 * checks each argument against its prototype (``T*`` against the array's dtype, ``int`` against ``np.int32``,
-  ``long long`` against ``np.int64``, ``float`` against ``np.float32``; a raw pointer only as a null pointer),
+  ``unsigned int`` against ``np.uint32``, ``long long`` against ``np.int64``, ``float`` against ``np.float32``; a
+  raw pointer only as a null pointer),
 * bounds-checks every load and store: arrays are copied into shared memory that ends (then, in a second run,
   starts) at an inaccessible guard page, and the kernel runs in a forked child, so touching one byte outside any
   buffer kills the child with SIGSEGV and fails the launch,
@@ -38,7 +39,7 @@ TEMPLATE_SOURCES = ("quadratic_atrous.cu",)  # instantiated per name expression
 COOPERATIVE_KERNELS = ("rows_quantize_", "layer_norm_backward_")
 POINTEE_DTYPES = {"float": torch.float32, "surgeon_half": torch.float16, "surgeon_bfloat16": torch.bfloat16,
                   "unsigned char": torch.uint8}
-SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
+SCALAR_TYPES = {"int": np.int32, "unsigned int": np.uint32, "long long": np.int64, "float": np.float32}
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from surgeon.ops.derivative_codebook import inverse_step
+from surgeon.ops.kernels.fast_divisor import fast_divisor
 from surgeon.ops.memory_format import is_channels_last
 from surgeon.ops.package_data import data_dir
 
@@ -572,7 +573,7 @@ def _pack_grid(out: torch.Tensor) -> int:
 # ------------------------------------------------------------------------------------------ atrous quadratic conv
 # outputs per thread (a template parameter of the kernel), and the fewer taken where that many outputs' branch sums
 # (2 * rank per output) beside a span row's inputs need more than 64 registers (nvcc 13, sm_80 and sm_90, measured):
-# above rank 2, and at rank 2 with 16-bit channels-last storage (80 registers with 4 outputs)
+# above rank 2 (96 registers at rank 3 with 4 outputs), and at rank 2 in channels-last storage (72 at sm_80)
 ATROUS_OUT_W = 4
 ATROUS_OUT_W_NARROW = 2
 ATROUS_MAX_RANK = 4
@@ -598,8 +599,9 @@ class AtrousGeometry:
         return conv_span(self.kernel, self.dilation)
 
     def out_w(self, dtype: torch.dtype, channels_last: bool) -> int:
-        """Neighbouring outputs one thread computes, for this storage type and layout."""
-        narrow = self.rank > 2 or (self.rank == 2 and channels_last and dtype != torch.float32)
+        """Neighbouring outputs one thread computes, for this storage type and layout (the register budget is met
+        alike for every storage type, so only the rank and the layout decide)."""
+        narrow = self.rank > 2 or (self.rank == 2 and channels_last)
         return ATROUS_OUT_W_NARROW if narrow else ATROUS_OUT_W
 
     def tiles(self, output_width: int, dtype: torch.dtype, channels_last: bool) -> int:
@@ -649,6 +651,14 @@ def term_output(mode: str, given: torch.Tensor, rank: int, channels_last: bool) 
     return out if count == 2 else out[0]
 
 
+def placement_divisors(tiles: int, rows: int, channels: int) -> tuple[Any, ...]:
+    """The specialised kernels' last arguments: multiplier and shift of each divisor a thread's placement divides
+    by (tiles per output row, output rows, channels), as ``uint32`` kernel arguments."""
+    import numpy as np
+
+    return tuple(np.uint32(v) for d in (tiles, rows, channels) for v in fast_divisor(d))
+
+
 def atrous_applies(x: torch.Tensor, geometry: AtrousGeometry) -> bool:
     """Whether the specialised kernels take this input and geometry (device apart): a decision the same on every
     device, so the launches counted on the CPU are those a GPU makes."""
@@ -674,6 +684,9 @@ def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tenso
     ho, wo = output_size((h, w), geometry.span(), geometry.stride, pads)
     if ho <= 0 or wo <= 0 or tuple(given.shape) != (n, c, ho, wo):
         return None
+    count = 2 if mode == "a_and_b_times" else 1
+    if count * n * c * (1 if mode == "add" else geometry.rank) * ho * wo >= 2**31:
+        return None  # the kernel's offsets are 32-bit
     entry = geometry.term_expression(x.dtype, channels_last, c, TERM_MODES[mode])
     if not _enabled(entry, x.device):
         return None
@@ -685,7 +698,7 @@ def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tenso
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
         return (_flat(cupy, x), _flat(cupy, wa_k), _flat(cupy, wb_k), _flat(cupy, given), _flat(cupy, y),
-                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)))
+                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)), *placement_divisors(tiles, ho, c))
 
     if not _launch("quadratic_atrous.cu", entry, _grid(n * c * ho * tiles), x.device, arguments, templated=True):
         return None
@@ -742,8 +755,8 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
         return None
     left, _, top, _ = pads
     ho, wo = output_size((h, w), geometry.span(), geometry.stride, pads)
-    if ho <= 0 or wo <= 0 or x.numel() >= 2**31:
-        return None
+    if ho <= 0 or wo <= 0 or x.numel() >= 2**31 or n * c * ho * wo >= 2**31:
+        return None  # the kernel's offsets are 32-bit
     entry = geometry.name_expression(x.dtype, channels_last, c)
     if not _enabled(entry, x.device):
         return None
@@ -756,7 +769,7 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
     def arguments(cupy: Any) -> tuple[Any, ...]:
         pointers = [_flat(cupy, t) if t is not None else np.uint64(0) for t in weights]
         return (_flat(cupy, x), *pointers, _flat(cupy, y),
-                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)))
+                *(np.int32(v) for v in (n, c, h, w, ho, wo, top, left)), *placement_divisors(tiles, ho, c))
 
     if not _launch("quadratic_atrous.cu", entry, _grid(n * c * ho * tiles), x.device, arguments, templated=True):
         return None
