@@ -17,7 +17,7 @@ instantiations are compiled with ``nvcc`` for sm_90 and read back:
   every instruction of its path once for its 32 lanes, and a tile past the row's end still runs whole. Their sum,
   divided by the outputs the stage produces, is the cost per output;
 * **FMAs needed** per output: the primary taps plus the non-zero branch taps times the rank (49 + 16 + 4 = 69);
-* **bytes moved**: input and output once, plus the weights.
+* **bytes moved**: input and output once, plus the weights (fp32, whatever the storage type).
 
 From those it predicts the time on an H100 SXM (132 SMs at 1.755 GHz, 4 schedulers issuing one warp instruction
 per clock each, 128 fp32 FMAs per clock per SM, 3.35 TB/s HBM3): the issue floor, the FMA floor and the HBM floor;
@@ -274,7 +274,7 @@ def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.fl
         issued = 32 * (slow * checked_thread + (warps - slow) * interior_thread)  # thread-instructions
         per_output = issued / outputs
         size = torch.empty(0, dtype=dtype).element_size()
-        moved = 2 * outputs * size + channels * fma_needed * size
+        moved = 2 * outputs * size + channels * fma_needed * 4  # the merged kernel reads fp32 weights
         sm_clock = H100["sms"] * H100["clock_hz"]
         rows.append(StageCost(
             stage=f"{BATCH}×{channels}×{side}×{side}", dtype=str(dtype).removeprefix("torch."),

@@ -100,9 +100,10 @@ struct AtrousLayer {
     // Accumulate every span row into s. CHECKED: the window may reach outside the image, where inputs are zeros: an
     // input outside is not loaded (each column's test made once per thread, as a bit of a mask, each row's once per
     // row). col_step: elements between horizontal neighbours (CH in NHWC, 1 in NCHW); row_step: between rows.
-    template <bool CHECKED>
+    // Weights of type WT: fp32 (the merged kernel: no conversion per weight load) or T.
+    template <bool CHECKED, typename WT>
     __device__ __forceinline__ static void rows(Sums& s, const T* row, int row_step, int ih0, int iw0, int H, int W,
-                                                const T* w3, const T* wa, const T* wb) {
+                                                const WT* w3, const WT* wa, const WT* wb) {
         static_assert(COLS <= 32, "a span row's columns must fit the 32-bit column mask");
         constexpr long long col_step = NHWC ? CH : 1;
         // weight offsets of tap t: t * CH (tap-major) in NHWC, t (channel-major, pointers already at the channel)
@@ -153,19 +154,19 @@ struct AtrousLayer {
     // as most do, loads without bounds tests; any other warp takes the checked path, whose sums are the same
     // operations in the same order (a padding input is a zero), so a tile's outputs do not depend on its
     // neighbours and no warp runs both paths. emit(j, sums, k): output j of the tile from column k of sums.
-    template <typename Emit>
-    __device__ __forceinline__ static void each_output(const Tile& t, const T* row, int H, int W, int WO, const T* w3,
-                                                       const T* wa, const T* wb, Emit emit) {
+    template <typename WT, typename Emit>
+    __device__ __forceinline__ static void each_output(const Tile& t, const T* row, int H, int W, int WO, const WT* w3,
+                                                       const WT* wa, const WT* wb, Emit emit) {
         Sums s;
         clear(s);
 #ifndef SURGEON_CHECKED_ONLY  // defined only to measure the checked path's static cost (benchmarks/kernel_cost.py)
         if (surgeon_warp_all(interior(t, H, W))) {
-            rows<false>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
+            rows<false, WT>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
         } else
 #endif
         {
 #ifndef SURGEON_INTERIOR_ONLY  // defined only to measure the interior path's static cost (benchmarks/kernel_cost.py)
-            rows<true>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
+            rows<true, WT>(s, row, t.row_step, t.ih0, t.iw0, H, W, w3, wa, wb);
 #endif
         }
 #pragma unroll
@@ -175,11 +176,14 @@ struct AtrousLayer {
     }
 };
 
+// The merged layer's forward. Weights and bias in fp32 whatever the storage type: converted once by the launcher
+// (which keeps the copies), not at each of a thread's weight loads.
 template <typename T, bool NHWC, int CH, int KH, int KW, int DH, int DW, int AH, int AW, int ADH, int ADW, int AT,
           int AL, int BH, int BW, int BDH, int BDW, int BT, int BL, int RANK, int SY, int SX, int OUT_W>
-__global__ void quadconv_atrous(const T* __restrict__ x, const T* __restrict__ w3, const T* __restrict__ b3,
-                                const T* __restrict__ wa, const T* __restrict__ wb, T* __restrict__ y, int N, int C,
-                                int H, int W, int HO, int WO, int pad_top, int pad_left, unsigned int tiles_multiplier,
+__global__ void quadconv_atrous(const T* __restrict__ x, const float* __restrict__ w3, const float* __restrict__ b3,
+                                const float* __restrict__ wa, const float* __restrict__ wb, T* __restrict__ y, int N,
+                                int C, int H, int W, int HO, int WO, int pad_top, int pad_left,
+                                unsigned int tiles_multiplier,
                                 unsigned int tiles_shift, unsigned int rows_multiplier, unsigned int rows_shift,
                                 unsigned int channels_multiplier, unsigned int channels_shift) {
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
@@ -194,9 +198,9 @@ __global__ void quadconv_atrous(const T* __restrict__ x, const T* __restrict__ w
         const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left,
                                                     by_tiles, by_rows, by_channels);
         // each weight pointer at this channel's first tap
-        const T* w3c = w3 + (NHWC ? t.c : t.c * KH * KW);
-        const T* wac = wa + (NHWC ? t.c : t.c * RANK * AH * AW);
-        const T* wbc = wb + (NHWC ? t.c : t.c * RANK * BH * BW);
+        const float* w3c = w3 + (NHWC ? t.c : t.c * KH * KW);
+        const float* wac = wa + (NHWC ? t.c : t.c * RANK * AH * AW);
+        const float* wbc = wb + (NHWC ? t.c : t.c * RANK * BH * BW);
         // output j: bias + primary + sum_r a_r * b_r (in that order, in fp32); the bias is read once the sums are
         // made, so that it holds no register while they are
         Layer::each_output(t, x + t.row, H, W, WO, w3c, wac, wbc, [&](int j, const auto& s, int k) {

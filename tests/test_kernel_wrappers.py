@@ -430,6 +430,36 @@ def test_atrous_weights_are_laid_out_once_per_layout_and_follow_changes(gpu):
     torch.testing.assert_close(changed, layer.forward_dense(x), atol=1e-5, rtol=1e-5)
 
 
+def test_the_merged_kernel_reads_16_bit_weights_as_fp32_copies_made_once(gpu):
+    """A bf16 merged layer: its kernel takes fp32 weight pointers (the fake refuses any other pointee), the copies
+    are made at the first call and kept, inference mode included (the layer's kernel weights carry version
+    counters), and made again when a weight changes."""
+    torch.manual_seed(0)
+    layer = merged_layer(7, 1, 3, 1, 1, False, channels=8).to(torch.bfloat16)
+    x = torch.randn(1, 8, 9, 9).to(torch.bfloat16)
+
+    def copies() -> set[int]:
+        return {id(kept[1]) for kept in cuda_kernels.REGISTRY.float_copies.values()}
+
+    with torch.inference_mode():
+        first = layer(x)
+        made = copies()
+        again = layer(x)
+    assert len(made) == 4 and copies() == made  # primary, bias, both branches: converted once
+    assert torch.equal(first, again)
+    assert [launch.name for launch in gpu.launches].count(layer.atrous_geometry().name_expression(
+        torch.bfloat16, False, 8)) == 2 and not cuda_kernels.REGISTRY.disabled
+    first_copies = list(cuda_kernels.REGISTRY.float_copies.values())  # kept alive: their ids are not reused
+    with torch.no_grad():
+        layer.P.conv1.weight.mul_(2)
+        changed = layer(x)
+        want = layer.float().forward_dense(x.float())
+    assert len(first_copies) == 4 and len(copies() - made) == 4  # a changed weight: every weight laid out anew
+    assert not torch.equal(first, changed)
+    scale = want.abs().max().item()
+    assert (changed.float() - want).abs().max().item() <= TOLERANCE[torch.bfloat16] * scale
+
+
 def test_float64_and_integer_inputs_take_the_torch_route(gpu):
     torch.manual_seed(0)
     layer = merged_layer(3, 1, 1, 1, 1, False).double()

@@ -178,7 +178,8 @@ class QuadraConvDW(nn.Module):
     def atrous_kernel_weights(self, dtype: torch.dtype, device: torch.device, tap_major: bool
                               ) -> tuple[torch.Tensor | None, ...]:
         """(primary, bias, branch a, branch b) in the specialised kernel's layout, in ``dtype`` on ``device``;
-        remembered until a weight changes (version counters)."""
+        remembered until a weight changes (version counters). Made outside inference mode, so that they have version
+        counters of their own (the launcher keeps fp32 copies of 16-bit ones by them)."""
         from surgeon.ops.kernels import cuda as cuda_kernels
 
         assert self.branch_a is not None and self.branch_b is not None
@@ -187,7 +188,7 @@ class QuadraConvDW(nn.Module):
         cache: dict[Any, Any] = self.__dict__.setdefault("_atrous_kernel_weights", {})
         key = (dtype, str(device), tap_major)
         if key not in cache or cache[key][0] != stamp:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 w3, bias, w1, w2 = (p.detach().to(device=device, dtype=dtype) if p is not None else None
                                     for p in params)
                 wa = atrous_view(w1, self.span, self.branch_a)

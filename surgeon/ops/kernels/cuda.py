@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from surgeon.ops.derivative_codebook import inverse_step
 from surgeon.ops.kernels.fast_divisor import fast_divisor
@@ -103,6 +104,9 @@ class _Registry:
         self.checked: set[tuple[str, str]] = set()  # (kernel, device)
         self.disabled: dict[tuple[str, str], str] = {}  # (kernel, device) -> why
         self.value_tables: dict[tuple[tuple[float, ...], str], torch.Tensor] = {}  # coded products' factors
+        # fp32 copies of 16-bit weights for kernels that read weights in fp32, each with its source's version,
+        # dropped with the source tensor
+        self.float_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -738,11 +742,28 @@ def conv_weights(w3: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, geometry:
     return tuple(w.reshape(shape) for w, shape in zip(ordered, shapes))  # type: ignore[return-value]
 
 
+def float_weights(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in fp32 for a kernel that reads its weights in fp32: the tensor itself when it is fp32, else a copy
+    kept until the weight changes (its version counter) or is freed, so a steady-state call converts nothing. An
+    inference tensor has no version counter: it is converted at every call (a layer makes its kernel weights
+    outside inference mode, so this is only a caller's own tensor)."""
+    if weight.dtype == torch.float32:
+        return weight
+    if weight.is_inference():
+        return weight.float()
+    kept = REGISTRY.float_copies.get(weight)
+    if kept is None or kept[0] != weight._version:
+        kept = (weight._version, weight.detach().float())
+        REGISTRY.float_copies[weight] = kept
+    return kept[1]
+
+
 def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa: torch.Tensor, wb: torch.Tensor,
                  geometry: AtrousGeometry, pads: tuple[int, int, int, int], reference: Callable[[], torch.Tensor]
                  ) -> torch.Tensor | None:
     """The specialised quadratic depthwise forward on the GPU (weights in :func:`atrous_weights`' layout for
-    ``x``'s memory format, in ``x``'s dtype); None when the torch route must run instead."""
+    ``x``'s memory format, in ``x``'s dtype; the kernel reads them in fp32, :func:`float_weights`); None when the
+    torch route must run instead."""
     import numpy as np
 
     if x.dtype not in _DTYPE_SUFFIX or x.dim() != 4 or not geometry.supported():
@@ -764,7 +785,7 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
     x = x.contiguous(memory_format=fmt)
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     tiles = geometry.tiles(wo, x.dtype, channels_last)
-    weights = (w3, b3, wa, wb)
+    weights = tuple(float_weights(t) if t is not None else None for t in (w3, b3, wa, wb))
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
         pointers = [_flat(cupy, t) if t is not None else np.uint64(0) for t in weights]
