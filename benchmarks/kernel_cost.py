@@ -23,7 +23,10 @@ From those it predicts the time on an H100 SXM (132 SMs at 1.755 GHz, 4 schedule
 per clock each, 128 fp32 FMAs per clock per SM, 3.35 TB/s HBM3): the issue floor, the FMA floor and the HBM floor;
 the kernel cannot beat the largest of them.
 
-Run: python benchmarks/kernel_cost.py [--arch sm_90] [--json out.json]
+With ``--training``, the same for training's quadratic term kernels (``quadratic_term``: the forward's ``add``
+and the backward's ``a_and_b_times``), whose required FMAs are the branch taps alone (16 + 4 at rank 1).
+
+Run: python benchmarks/kernel_cost.py [--arch sm_90] [--training] [--json out.json]
 """
 
 from __future__ import annotations
@@ -251,12 +254,22 @@ class StageCost:
     hbm_floor_us: float
 
 
-def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
-                ) -> list[StageCost]:
+# what each kernel costs per output: (FMAs needed: does it run the primary taps?, tensors of the output's size read
+# and written besides the input, per rank: the factors a training step's backward writes)
+KERNELS = {"merged": (True, 1, 0), "add": (False, 2, 0), "a_and_b_times": (False, 1, 2)}
+
+
+def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                kernel: str = "merged") -> list[StageCost]:
+    """Costs at ConvNeXt-T's stages of the merged layer's kernel (``merged``) or of training's quadratic term in
+    one of its modes (``add``: the forward, ``a_and_b_times``: the backward's two factors; the branch taps only)."""
     geometry = layer_geometry()
-    fma_needed = 49 + (16 + 4) * geometry.rank
+    primary, outputs_moved, per_rank_moved = KERNELS[kernel]
+    fma_needed = (49 if primary else 0) + (16 + 4) * geometry.rank
     cases = [(c, side, dtype, nhwc) for c, side in STAGES for dtype in dtypes for nhwc in (True, False)]
-    expressions = [geometry.name_expression(dtype, nhwc, c) for c, _, dtype, nhwc in cases]
+    expressions = [geometry.name_expression(dtype, nhwc, c) if kernel == "merged" else
+                   geometry.term_expression(dtype, nhwc, c, cuda_kernels.TERM_MODES[kernel])
+                   for c, _, dtype, nhwc in cases]
     unique = list(dict.fromkeys(expressions))
     with tempfile.TemporaryDirectory() as folder:
         code = instantiation_source(unique)
@@ -274,7 +287,9 @@ def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.fl
         issued = 32 * (slow * checked_thread + (warps - slow) * interior_thread)  # thread-instructions
         per_output = issued / outputs
         size = torch.empty(0, dtype=dtype).element_size()
-        moved = 2 * outputs * size + channels * fma_needed * 4  # the merged kernel reads fp32 weights
+        # input, outputs and weights once (the merged kernel's weights in fp32, the term kernel's in the storage type)
+        moved = (1 + outputs_moved + per_rank_moved * geometry.rank) * outputs * size + \
+            channels * fma_needed * (4 if kernel == "merged" else size)
         sm_clock = H100["sms"] * H100["clock_hz"]
         rows.append(StageCost(
             stage=f"{BATCH}×{channels}×{side}×{side}", dtype=str(dtype).removeprefix("torch."),
@@ -295,24 +310,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--training", action="store_true",
+                        help="also training's quadratic term kernels (forward: add; backward: a_and_b_times)")
     args = parser.parse_args()
-    rows = stage_costs(args.arch)
-    print(f"quadconv_atrous, 7×7 rank 1 (a: 4×4 at dilation 2, b: 2×2 at dilation 6), {args.arch}; "
-          f"target ≤ {TARGET_INSTRUCTIONS_PER_FMA:g} SASS instructions per required FMA")
-    print("instructions per output: interior path, checked path, and issued per output the stage produces "
-          "(warps weighted by the path they take)")
-    print(f"{'stage':18} {'dtype':9} {'layout':6} {'regs':>4} {'stack':>5} {'interior':>8} {'checked':>7} "
-          f"{'chk warps':>9} {'instr/out':>9} {'FMA/out':>7} {'instr/FMA':>9} {'MB':>6} {'issue µs':>8} "
-          f"{'FMA µs':>7} {'HBM µs':>7} {'H100 µs':>8}")
-    for row in rows:
-        predicted = max(row.issue_floor_us, row.fma_floor_us, row.hbm_floor_us)
-        print(f"{row.stage:18} {row.dtype:9} {row.layout:6} {row.registers:>4} {row.stack:>5} "
-              f"{row.interior_per_output:>8.1f} {row.checked_per_output:>7.1f} {row.checked_warps:>9.1%} "
-              f"{row.instructions_per_output:>9.1f} {row.fma_needed:>7} {row.instructions_per_fma:>9.2f} "
-              f"{row.mbytes:>6.1f} {row.issue_floor_us:>8.1f} {row.fma_floor_us:>7.1f} {row.hbm_floor_us:>7.1f} "
-              f"{predicted:>8.1f}")
+    titles = {"merged": f"quadconv_atrous (the merged layer), target ≤ {TARGET_INSTRUCTIONS_PER_FMA:g} SASS "
+                        "instructions per required FMA",
+              "add": "quadratic_term, mode add (training's forward: the branch taps, the primary's output given)",
+              "a_and_b_times": "quadratic_term, mode a_and_b_times (training's backward: both factors times the "
+                               "gradient)"}
+    everything = {}
+    for kernel in ("merged", "add", "a_and_b_times") if args.training else ("merged",):
+        rows = everything[kernel] = stage_costs(args.arch, kernel=kernel)
+        print(f"{titles[kernel]}; 7×7 rank 1 (a: 4×4 at dilation 2, b: 2×2 at dilation 6), {args.arch}")
+        print("instructions per output: interior path, checked path, and issued per output the stage produces "
+              "(warps weighted by the path they take)")
+        print(f"{'stage':18} {'dtype':9} {'layout':6} {'regs':>4} {'stack':>5} {'interior':>8} {'checked':>7} "
+              f"{'chk warps':>9} {'instr/out':>9} {'FMA/out':>7} {'instr/FMA':>9} {'MB':>6} {'issue µs':>8} "
+              f"{'FMA µs':>7} {'HBM µs':>7} {'H100 µs':>8}")
+        for row in rows:
+            predicted = max(row.issue_floor_us, row.fma_floor_us, row.hbm_floor_us)
+            print(f"{row.stage:18} {row.dtype:9} {row.layout:6} {row.registers:>4} {row.stack:>5} "
+                  f"{row.interior_per_output:>8.1f} {row.checked_per_output:>7.1f} {row.checked_warps:>9.1%} "
+                  f"{row.instructions_per_output:>9.1f} {row.fma_needed:>7} {row.instructions_per_fma:>9.2f} "
+                  f"{row.mbytes:>6.1f} {row.issue_floor_us:>8.1f} {row.fma_floor_us:>7.1f} {row.hbm_floor_us:>7.1f} "
+                  f"{predicted:>8.1f}")
+        print()
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(row) for row in rows], indent=2))
+        Path(args.json).write_text(json.dumps({kernel: [asdict(row) for row in rows]
+                                               for kernel, rows in everything.items()}, indent=2))
 
 
 if __name__ == "__main__":

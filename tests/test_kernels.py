@@ -124,6 +124,19 @@ def test_the_specialised_kernel_costs_at_most_4_instructions_per_required_fma():
         assert row.interior_per_output <= row.instructions_per_output <= row.checked_per_output * slots * (1 + 1e-12)
 
 
+def test_the_cost_model_counts_training_term_kernels_by_their_branch_taps():
+    """``kernel_cost.py --training``: training's forward term kernel needs the 20 branch FMAs per output (no primary
+    taps) and has all of them; its rows are costed like the merged kernel's."""
+    from benchmarks.kernel_cost import stage_costs
+
+    rows = stage_costs("sm_90", (torch.float32,), kernel="add")
+    assert len(rows) == 4 * 2
+    for row in rows:
+        assert row.fma_needed == 20 and row.ffma_per_output >= row.fma_needed, row
+        assert row.interior_per_output < row.checked_per_output and row.registers <= MAX_REGISTERS, row
+        assert row.interior_per_output <= row.instructions_per_output, row
+
+
 def test_the_longest_path_follows_forward_branches_and_stops_at_the_loop():
     """The cost model's count of what one thread issues: both ways of a conditional forward branch (the longer
     counts), an unconditional branch's way only, a conditional exit as a way out, no backward branch, nothing past
