@@ -83,7 +83,7 @@ def instantiation_source(expressions: list[str]) -> str:
     lines = ['#include "quadratic_atrous.cu"']
     for expression in expressions:
         kernel, arguments = expression.split("<", 1)
-        match = re.search(rf"__global__ void (?:__\w+__\(.*?\)\s+)?{re.escape(kernel.strip())}\(([^)]*)\)", source)
+        match = re.search(rf"__global__ void {re.escape(kernel.strip())}\(([^)]*)\)", source)
         assert match is not None, f"no template kernel {kernel!r} in quadratic_atrous.cu"
         storage = arguments.split(",", 1)[0].strip()
         params = re.sub(r"\bT\b", storage, match.group(1))  # the declared parameters, names and all
@@ -202,23 +202,21 @@ def find(functions: dict, expression: str) -> object:
 
 
 def interior_threads(geometry: cuda_kernels.AtrousGeometry, shape: tuple[int, int, int, int], nhwc: bool,
-                     dtype: torch.dtype = torch.float32, pads: tuple[int, int, int, int] | None = None
-                     ) -> torch.Tensor:
+                     pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Per thread of the launch, in thread order: whether its tile's window lies wholly inside the image (the
-    kernel's ``AtrousLayer::place`` and ``interior``). ``shape``: the input's N, C, H, W; ``dtype``: its storage
-    type (it may set the outputs per thread); ``pads``: (left, right, top, bottom) padding (default: half the span
-    on each side, the "same" output at stride 1)."""
+    kernel's ``AtrousLayer::place`` and ``interior``). ``shape``: the input's N, C, H, W; ``pads``: (left, right,
+    top, bottom) padding (default: half the span on each side, the "same" output at stride 1)."""
     n, c, h, w = shape
     span_h, span_w = geometry.span()
     sy, sx = geometry.stride
     pads = pads if pads is not None else (span_w // 2, span_w // 2, span_h // 2, span_h // 2)
     left, _, top, _ = pads
     ho, wo = cuda_kernels.output_size((h, w), (span_h, span_w), (sy, sx), pads)
-    tiles = geometry.tiles(wo, dtype, nhwc)
+    tiles = geometry.tiles(wo, nhwc)
     ih0 = torch.arange(ho) * sy - top
-    iw0 = torch.arange(tiles) * geometry.out_w(dtype, nhwc) * sx - left
+    iw0 = torch.arange(tiles) * geometry.out_w(nhwc) * sx - left
     rows_inside = (ih0 >= 0) & (ih0 + span_h <= h)
-    cols_inside = (iw0 >= 0) & (iw0 + geometry.columns(dtype, nhwc) <= w)
+    cols_inside = (iw0 >= 0) & (iw0 + geometry.columns(nhwc) <= w)
     inside = rows_inside[:, None] & cols_inside[None, :]  # [oh, tile]
     if nhwc:  # (n, oh, tile, c), c fastest
         return inside[None, :, :, None].expand(n, ho, tiles, c).reshape(-1)
@@ -281,8 +279,8 @@ def stage_costs(arch: str = "sm_90", dtypes: tuple[torch.dtype, ...] = (torch.fl
         used = find(resources, expression)
         interior, checked = find(interior_sass, expression), find(checked_sass, expression)
         interior_thread, checked_thread = interior["path"], checked["path"]  # type: ignore[index]
-        slow, warps = checked_warps(interior_threads(geometry, (BATCH, channels, side, side), nhwc, dtype))
-        out_w = geometry.out_w(dtype, nhwc)
+        slow, warps = checked_warps(interior_threads(geometry, (BATCH, channels, side, side), nhwc))
+        out_w = geometry.out_w(nhwc)
         outputs = BATCH * channels * side * side
         issued = 32 * (slow * checked_thread + (warps - slow) * interior_thread)  # thread-instructions
         per_output = issued / outputs

@@ -70,7 +70,7 @@ __device__ __forceinline__ void store_f(surgeon_bfloat16* p, long long i, float 
 // Division by a number known only at launch, without a divide: for every n < 2^31 and divisor d >= 1,
 // n / d == (umulhi(n, multiplier) + n) >> shift, with shift = ceil(log2 d) and multiplier =
 // floor(2^32 (2^shift - d) / d) + 1 (Granlund and Montgomery), both made by the launcher
-// (surgeon.ops.kernels.cuda.fast_divisor). A multiply-high, an add and a shift, with no branch: a runtime divide
+// (surgeon.ops.kernels.fast_divisor). A multiply-high, an add and a shift, with no branch: a runtime divide
 // is a sequence of some twenty instructions, and a 64-bit one a call with a slow path.
 struct SurgeonDivisor {
     unsigned int divisor, multiplier, shift;

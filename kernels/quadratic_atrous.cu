@@ -49,23 +49,36 @@ struct AtrousLayer {
         int col_step, row_step, row, out;
     };
 
-    // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW; tiles,
-    // rows and channels: the launch's tiles per output row, HO and C as divisors (a thread index is below 2^31)
+    // What a thread's placement divides by: the launch's tiles per output row, HO and C, each with the launcher's
+    // multiply-high constant and shift (surgeon.ops.kernels.cuda.placement_divisors).
+    struct Divisors {
+        SurgeonDivisor tiles, rows, channels;
+        __device__ __forceinline__ Divisors(int C, int HO, int WO, unsigned int tiles_multiplier,
+                                            unsigned int tiles_shift, unsigned int rows_multiplier,
+                                            unsigned int rows_shift, unsigned int channels_multiplier,
+                                            unsigned int channels_shift)
+            : tiles{(unsigned int)((WO + OUT_W - 1) / OUT_W), tiles_multiplier, tiles_shift},
+              rows{(unsigned int)HO, rows_multiplier, rows_shift},
+              channels{(unsigned int)C, channels_multiplier, channels_shift} {}
+    };
+
+    // thread -> (n, oh, tile, c) with c fastest in NHWC, (n, c, oh, tile) with the tile fastest in NCHW (a thread
+    // index is below 2^31)
     __device__ __forceinline__ static Tile place(unsigned int index, int C, int H, int W, int HO, int WO,
-                                                 int pad_top, int pad_left, const SurgeonDivisor& tiles,
-                                                 const SurgeonDivisor& rows, const SurgeonDivisor& channels) {
+                                                 int pad_top, int pad_left, const Divisors& by) {
+        constexpr unsigned int CHANNELS = CH > 0 ? CH : 1;  // NCHW instantiations have CH 0
         Tile t;
         unsigned int rest = index;
         int tile;
         if (NHWC) {
-            t.c = (int)(rest % (unsigned int)CH); rest /= (unsigned int)CH;  // a constant: a multiply and a shift
-            tile = (int)tiles.peel(rest);
-            t.oh = (int)rows.peel(rest);
+            t.c = (int)(rest % CHANNELS); rest /= CHANNELS;  // a constant divisor: a multiply and a shift
+            tile = (int)by.tiles.peel(rest);
+            t.oh = (int)by.rows.peel(rest);
             t.n = (int)rest;
         } else {
-            tile = (int)tiles.peel(rest);
-            t.oh = (int)rows.peel(rest);
-            t.c = (int)channels.peel(rest);
+            tile = (int)by.tiles.peel(rest);
+            t.oh = (int)by.rows.peel(rest);
+            t.c = (int)by.channels.peel(rest);
             t.n = (int)rest;
         }
         t.ow0 = tile * OUT_W;
@@ -189,14 +202,11 @@ __global__ void quadconv_atrous(const T* __restrict__ x, const float* __restrict
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
                               SY, SX, OUT_W>;
     if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
-    const unsigned int tiles = (WO + OUT_W - 1) / OUT_W;
-    const SurgeonDivisor by_tiles{tiles, tiles_multiplier, tiles_shift}, by_rows{(unsigned)HO, rows_multiplier,
-                                                                                 rows_shift},
-        by_channels{(unsigned)C, channels_multiplier, channels_shift};
-    const long long total = (long long)N * C * HO * tiles;
+    const typename Layer::Divisors by(C, HO, WO, tiles_multiplier, tiles_shift, rows_multiplier, rows_shift,
+                                      channels_multiplier, channels_shift);
+    const long long total = (long long)N * C * HO * by.tiles.divisor;  // a thread per tile
     SURGEON_GRID_STRIDE_LOOP(index, total) {
-        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left,
-                                                    by_tiles, by_rows, by_channels);
+        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left, by);
         // each weight pointer at this channel's first tap
         const float* w3c = w3 + (NHWC ? t.c : t.c * KH * KW);
         const float* wac = wa + (NHWC ? t.c : t.c * RANK * AH * AW);
@@ -230,14 +240,11 @@ __global__ void quadratic_term(const T* __restrict__ x, const T* __restrict__ wa
     using Layer = AtrousLayer<T, NHWC, CH, KH, KW, DH, DW, AH, AW, ADH, ADW, AT, AL, BH, BW, BDH, BDW, BT, BL, RANK,
                               SY, SX, OUT_W, TERMS>;
     if (NHWC && C != CH) return;  // compiled for another channel count (the launcher never does this)
-    const unsigned int tiles = (WO + OUT_W - 1) / OUT_W;
-    const SurgeonDivisor by_tiles{tiles, tiles_multiplier, tiles_shift}, by_rows{(unsigned)HO, rows_multiplier,
-                                                                                 rows_shift},
-        by_channels{(unsigned)C, channels_multiplier, channels_shift};
-    const long long total = (long long)N * C * HO * tiles;
+    const typename Layer::Divisors by(C, HO, WO, tiles_multiplier, tiles_shift, rows_multiplier, rows_shift,
+                                      channels_multiplier, channels_shift);
+    const long long total = (long long)N * C * HO * by.tiles.divisor;  // a thread per tile
     SURGEON_GRID_STRIDE_LOOP(index, total) {
-        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left,
-                                                    by_tiles, by_rows, by_channels);
+        const typename Layer::Tile t = Layer::place((unsigned int)index, C, H, W, HO, WO, pad_top, pad_left, by);
         const int c = t.c, n = t.n, oh = t.oh, ow0 = t.ow0;
         const T* wac = wa + (NHWC ? c : c * RANK * AH * AW);
         const T* wbc = wb + (NHWC ? c : c * RANK * BH * BW);

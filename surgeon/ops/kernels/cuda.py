@@ -602,32 +602,32 @@ class AtrousGeometry:
     def span(self) -> tuple[int, int]:
         return conv_span(self.kernel, self.dilation)
 
-    def out_w(self, dtype: torch.dtype, channels_last: bool) -> int:
-        """Neighbouring outputs one thread computes, for this storage type and layout (the register budget is met
-        alike for every storage type, so only the rank and the layout decide)."""
+    def out_w(self, channels_last: bool) -> int:
+        """Neighbouring outputs one thread computes in this layout (the register budget is met alike for every
+        storage type, so only the rank and the layout decide)."""
         narrow = self.rank > 2 or (self.rank == 2 and channels_last)
         return ATROUS_OUT_W_NARROW if narrow else ATROUS_OUT_W
 
-    def tiles(self, output_width: int, dtype: torch.dtype, channels_last: bool) -> int:
+    def tiles(self, output_width: int, channels_last: bool) -> int:
         """Threads along an output row."""
-        out_w = self.out_w(dtype, channels_last)
+        out_w = self.out_w(channels_last)
         return (output_width + out_w - 1) // out_w
 
-    def columns(self, dtype: torch.dtype, channels_last: bool) -> int:
+    def columns(self, channels_last: bool) -> int:
         """Input columns of one span row that a thread's outputs read (the kernel's ``COLS``)."""
-        return (self.out_w(dtype, channels_last) - 1) * self.stride[1] + self.span()[1]
+        return (self.out_w(channels_last) - 1) * self.stride[1] + self.span()[1]
 
     def supported(self) -> bool:
-        # a thread's span row must fit the kernel's 32-bit mask of columns inside the image, for every storage
-        # type and layout (fp32 NCHW takes the most outputs per thread)
+        # a thread's span row must fit the kernel's 32-bit mask of columns inside the image, in either layout
+        # (NCHW takes at least as many outputs per thread)
         return (self.rank <= ATROUS_MAX_RANK and max(self.span()) <= ATROUS_MAX_SPAN and min(self.stride) >= 1
-                and self.columns(torch.float32, False) <= ATROUS_MAX_COLUMNS)
+                and self.columns(False) <= ATROUS_MAX_COLUMNS)
 
     def name_expression(self, dtype: torch.dtype, channels_last: bool, channels: int) -> str:
         """The template instantiation for this geometry, storage type and layout (NHWC: also the channel count)."""
         values = [_STORAGE_TYPE[dtype], "true" if channels_last else "false", str(channels if channels_last else 0),
                   *map(str, (*self.kernel, *self.dilation, *self.branch_a, *self.branch_b, self.rank, *self.stride,
-                             self.out_w(dtype, channels_last)))]
+                             self.out_w(channels_last)))]
         return f"quadconv_atrous<{', '.join(values)}>"
 
 
@@ -698,7 +698,7 @@ def quadratic_term(mode: str, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tenso
     x, given = x.contiguous(memory_format=fmt), given.contiguous(memory_format=fmt)
     wa_k, wb_k = branch_weights(wa.detach(), wb.detach(), c, geometry.rank, channels_last)
     y = term_output(mode, given, geometry.rank, channels_last)
-    tiles = geometry.tiles(wo, x.dtype, channels_last)
+    tiles = geometry.tiles(wo, channels_last)
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
         return (_flat(cupy, x), _flat(cupy, wa_k), _flat(cupy, wb_k), _flat(cupy, given), _flat(cupy, y),
@@ -784,7 +784,7 @@ def fused_atrous(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor | None, wa:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    tiles = geometry.tiles(wo, x.dtype, channels_last)
+    tiles = geometry.tiles(wo, channels_last)
     weights = tuple(float_weights(t) if t is not None else None for t in (w3, b3, wa, wb))
 
     def arguments(cupy: Any) -> tuple[Any, ...]:
